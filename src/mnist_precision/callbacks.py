@@ -1,0 +1,138 @@
+"""Callbacks the template adds to Lightning's: the non-finite-loss guard, epoch throughput, test figures."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchvision.utils import make_grid
+
+from mnist_precision.data import NUM_CLASSES, batch_size_of
+from mnist_precision.errors import TrainingDiverged
+
+
+class NonFiniteLossGuard(L.Callback):
+    """Stops training at the first inf/NaN loss, before backward and the optimizer can use it."""
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        if not torch.isfinite(loss):
+            precision = trainer.precision
+            raise TrainingDiverged(
+                f"the training loss is {loss.item()} at step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx}) with precision={precision}. "
+                + _divergence_hint(precision)
+            )
+
+
+def _divergence_hint(precision: str) -> str:
+    if precision == "16-true":
+        return (
+            "Pure float16 weights and optimizer state underflow (Adam's eps=1e-8 is 0 in float16). "
+            "Use precision=16-master (FP32 master copy with loss scaling), 16-mixed or bf16-mixed."
+        )
+    if precision == "bf16-true":
+        return "Pure bfloat16 training lost precision; use precision=bf16-mixed or bf16-master."
+    return "Lower the learning rate (optimizer.lr=...), add gradient clipping (trainer.gradient_clip_val=1.0), or check the inputs."
+
+
+class EpochThroughput(L.Callback):
+    """Logs training samples/s once per epoch.
+
+    Lightning's ThroughputMonitor synchronises CUDA after every batch, which costs more than a
+    whole step of the small models here; one sync per epoch measures the same thing for free.
+    """
+
+    def __init__(self) -> None:
+        self._start = 0.0
+        self._samples = 0
+        self._running = False
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _synchronize(pl_module.device)
+        self._start, self._samples, self._running = time.perf_counter(), 0, True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._samples += batch_size_of(batch)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop(pl_module)  # validation time is not training throughput
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop(pl_module)
+
+    def _stop(self, pl_module: L.LightningModule) -> None:
+        if not self._running or self._samples == 0:
+            return
+        _synchronize(pl_module.device)
+        self._running = False
+        elapsed = time.perf_counter() - self._start
+        world_size = pl_module.trainer.world_size
+        pl_module.log("throughput/samples_per_sec", self._samples * world_size / elapsed, on_epoch=True, rank_zero_only=True)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TestFigures(L.Callback):
+    """At test time, logs to TensorBoard a grid of test predictions (wrong ones framed in red) and the confusion matrix."""
+
+    def __init__(self, num_images: int = 64) -> None:
+        self.num_images = num_images
+        self.confusion = MulticlassConfusionMatrix(NUM_CLASSES)
+        self.examples: list[Tensor] = []
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.confusion = self.confusion.to(pl_module.device)
+        self.confusion.reset()
+        self.examples = []
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.confusion.update(outputs["preds"], outputs["labels"])
+        if not self.examples:
+            n = self.num_images
+            self.examples = [batch[0][:n].float().cpu(), outputs["preds"][:n].cpu(), outputs["labels"][:n].cpu()]
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        matrix = self.confusion.compute()  # syncs across ranks
+        self._log(trainer, matrix)
+
+    @rank_zero_only
+    def _log(self, trainer: L.Trainer, matrix: Tensor) -> None:
+        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if tensorboard is None or not self.examples:
+            return
+        step, (images, preds, labels) = trainer.global_step, self.examples
+        tensorboard.experiment.add_image("test/predictions", prediction_grid(images, preds, labels), step)
+        tensorboard.experiment.add_text("test/predictions", prediction_table(preds, labels), step)
+        figure, _ = self.confusion.plot(val=matrix.cpu())
+        tensorboard.experiment.add_figure("test/confusion_matrix", figure, step)
+
+
+def prediction_grid(images: Tensor, preds: Tensor, labels: Tensor) -> Tensor:
+    """An RGB grid of the images; each wrong prediction is framed in red."""
+    lo, hi = images.amin(), images.amax()
+    rgb = ((images - lo) / (hi - lo).clamp_min(1e-6)).expand(-1, 3, -1, -1).clone()
+    wrong = preds != labels
+    frame = torch.zeros_like(rgb[0, 0], dtype=torch.bool)
+    frame[:2, :] = frame[-2:, :] = frame[:, :2] = frame[:, -2:] = True
+    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    rgb[wrong] = torch.where(frame, red, rgb[wrong])
+    return make_grid(rgb, nrow=8, padding=2, pad_value=1.0)
+
+
+def prediction_table(preds: Tensor, labels: Tensor, columns: int = 8) -> str:
+    """The grid's predictions as a Markdown table in the same layout; wrong ones read `pred (true)`."""
+    cells = [f"**{p} ({t})**" if p != t else str(p) for p, t in zip(preds.tolist(), labels.tolist())]
+    rows = [cells[i : i + columns] for i in range(0, len(cells), columns)]
+    header = "| " + " | ".join(str(c) for c in range(columns)) + " |\n|" + "---|" * columns
+    return header + "\n" + "\n".join("| " + " | ".join(row) + " |" for row in rows)

@@ -1,0 +1,99 @@
+"""`MNISTClassifier`: logit cross-entropy against one-hot targets, accuracy for every split."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from mnist_precision.data import NUM_CLASSES
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class MNISTClassifier(L.LightningModule):
+    """Wraps any network that maps images to 10 logits.
+
+    Args:
+        net: the network (see `mnist_precision.models`).
+        optimizer: builds the optimizer from the parameters (a Hydra `_partial_`).
+        lr_scheduler: builds the scheduler from the optimizer, or None. A scheduler that takes
+            `total_steps` (OneCycleLR) gets `trainer.estimated_stepping_batches`.
+        lr_interval: step the scheduler every "epoch" or every optimizer "step".
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        lr_interval: str = "epoch",
+    ):
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.lr_interval = lr_interval
+        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        images, one_hot = batch
+        logits = self(images)
+        # FP32 loss whatever the compute dtype: half-precision log-softmax loses the small terms.
+        loss = F.cross_entropy(logits.float(), one_hot.float())
+        return loss, logits.argmax(dim=1), one_hot.argmax(dim=1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, preds, labels = self._shared_step(batch)
+        self.train_acc(preds, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_acc.reset()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss, preds, labels = self._shared_step(batch)
+        self.val_acc.update(preds, labels)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return  # a couple of batches from an untrained model are no "best"
+        acc = self.val_acc.compute()
+        self.val_acc_best(acc)
+        self.log("val/acc", acc, prog_bar=True, sync_dist=False)  # compute() already synced across ranks
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        loss, preds, labels = self._shared_step(batch)
+        self.test_acc(preds, labels)
+        self.log("test/loss", loss, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_epoch=True)
+        return {"preds": preds, "labels": labels}
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
+            kwargs["total_steps"] = self.trainer.estimated_stepping_batches
+        scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_interval}}

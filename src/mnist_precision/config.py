@@ -1,0 +1,69 @@
+"""Where the project's files live, the resolver the configs use, and the value checks run before any work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_precision.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/mnist_precision/config.py -> project root (editable install)
+CONF_DIR = PROJECT_ROOT / "conf"
+DEFAULT_LOG_DIR = PROJECT_ROOT / "logs"
+
+OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise one `UserError` listing every invalid value, before anything is built."""
+    problems = [
+        *_check_number(cfg, "data.batch_size", integer=True, minimum=1),
+        *_check_number(cfg, "data.eval_batch_size", integer=True, minimum=1),
+        *_check_number(cfg, "data.val_size", integer=True, minimum=1),
+        *_check_number(cfg, "optimizer.lr", minimum=0, exclusive=True),
+        *_check_number(cfg, "trainer.max_epochs", integer=True, minimum=-1),
+        *_check_number(cfg, "seed", integer=True, minimum=0),
+    ]
+    if cfg.trainer.get("gradient_clip_val") is not None:
+        problems += _check_number(cfg, "trainer.gradient_clip_val", minimum=0)
+    if cfg.data.on_device not in ("auto", True, False):
+        problems.append(f"data.on_device must be auto, true or false, got {cfg.data.on_device!r}")
+    problems += _check_devices(cfg.trainer)
+    if problems:
+        raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _check_number(cfg: DictConfig, key: str, integer: bool = False, minimum: float = 0, exclusive: bool = False) -> list[str]:
+    value = OmegaConf.select(cfg, key)
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return [f"{key} must be {kind}, got {value!r}"]
+    if value < minimum or (exclusive and value == minimum):
+        return [f"{key} must be {'>' if exclusive else '>='} {minimum}, got {value}"]
+    return []
+
+
+def _check_devices(trainer: DictConfig) -> list[str]:
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator not in ACCELERATORS:
+        return [f"trainer.accelerator={accelerator!r} is not one of {', '.join(ACCELERATORS)}"]
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        return [f"trainer.accelerator={accelerator} but torch sees no CUDA GPU here; use trainer=cpu (or trainer=ddp_cpu)"]
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        return ["trainer.accelerator=mps but MPS is not available here; use trainer=cpu"]
+    devices = trainer.get("devices", "auto")
+    if devices in ("auto", -1, "-1") or isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return []
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        return [f"trainer.devices must be a positive integer, auto or a list of device ids, got {devices!r}"]
+    uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    available = torch.cuda.device_count() if uses_gpu else (os.cpu_count() or 1)
+    kind = "GPUs" if uses_gpu else "CPU cores"
+    if devices > available:
+        return [f"trainer.devices={devices} but this machine has {available} {kind}"]
+    return []

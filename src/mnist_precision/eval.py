@@ -1,0 +1,38 @@
+"""`mnist-eval ckpt_path=<file>`: test a checkpoint with the config saved by the run that wrote it."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mnist_precision.build import build_run
+from mnist_precision.config import CONF_DIR
+from mnist_precision.errors import report_user_errors
+from mnist_precision.runs import eval_argv
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    run = build_run(cfg)
+    run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
+    return {name: float(value) for name, value in run.trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def _hydra_main(cfg: DictConfig) -> float:
+    with report_user_errors():
+        metrics = evaluate(cfg)
+    print(f"test/acc={metrics['test/acc']:.4f}  checkpoint: {cfg.ckpt_path}  run dir: {HydraConfig.get().runtime.output_dir}", flush=True)
+    return metrics["test/acc"]
+
+
+def main() -> None:
+    with report_user_errors():
+        sys.argv[1:] = eval_argv(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

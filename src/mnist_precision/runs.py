@@ -1,0 +1,110 @@
+"""Run directories: `resume=<run_dir>|latest` and `mnist-eval ckpt_path=...` replay a run's saved overrides.
+
+A run directory is what Hydra made for one training job: `.hydra/overrides.yaml` (the command-line
+overrides that composed its config) and `checkpoints/`. Re-composing the config from those
+overrides plus the new ones gives the run's config with the new values on top, and pointing
+`hydra.run.dir` at the run directory keeps every output, TensorBoard events included, in one place.
+Everything here runs before Hydra starts, so a bad argument is reported before anything is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from mnist_precision.config import DEFAULT_LOG_DIR
+from mnist_precision.errors import UserError
+
+SAVED_OVERRIDES = Path(".hydra") / "overrides.yaml"
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+REPLACED_ON_REPLAY = ("resume", "ckpt_path")  # per-invocation keys, never taken from a saved run
+
+
+def override_key(arg: str) -> str | None:
+    """`trainer.max_epochs` for `trainer.max_epochs=10` (also `+key=`, `++key=`, `~key`); None for flags."""
+    if arg.startswith("-"):
+        return None
+    key = arg.split("=", 1)[0]
+    return key.lstrip("+~") or None
+
+
+def override_value(argv: list[str], key: str) -> str | None:
+    values = [arg.split("=", 1)[1] for arg in argv if "=" in arg and override_key(arg) == key]
+    value = values[-1].strip("'\"") if values else None
+    return None if value in (None, "", "null") else value
+
+
+def merge_overrides(saved: list[str], new: list[str]) -> list[str]:
+    """Saved overrides, with any key given again in `new` replaced by the new value (order kept)."""
+    new_keys = {override_key(arg) for arg in new}
+    kept = [arg for arg in saved if override_key(arg) not in new_keys and override_key(arg) not in REPLACED_ON_REPLAY]
+    return kept + list(dict(((override_key(arg) or arg), arg) for arg in new).values())
+
+
+def saved_overrides(run_dir: Path) -> list[str]:
+    return list(yaml.safe_load((run_dir / SAVED_OVERRIDES).read_text()) or [])
+
+
+def check_checkpoint(path: Path, what: str) -> None:
+    """A clear error unless `path` is a readable Lightning checkpoint."""
+    if not path.is_file():
+        raise UserError(f"{what}: {path} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{what}: {path} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{what}: {path} is a torch file but not a Lightning checkpoint (no state_dict).")
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / SAVED_OVERRIDES).is_file()
+
+
+def find_latest_run(log_dir: Path) -> Path:
+    """The training run (single or multirun job) whose last.ckpt was written most recently."""
+    candidates = [*log_dir.glob(f"train/*/{LAST_CHECKPOINT}"), *log_dir.glob(f"multirun/*/*/{LAST_CHECKPOINT}")]
+    if not candidates:
+        raise UserError(f"resume=latest: no run under {log_dir} has a {LAST_CHECKPOINT} to resume from.")
+    return max(candidates, key=lambda ckpt: ckpt.stat().st_mtime).parent.parent
+
+
+def log_dir_from(argv: list[str]) -> Path:
+    value = override_value(argv, "paths.log_dir")
+    return Path(value).expanduser().resolve() if value else DEFAULT_LOG_DIR
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """`resume=<run_dir>|latest ...` -> the run's saved overrides + the new ones, run dir pinned."""
+    resume = override_value(argv, "resume")
+    if resume is None:
+        return argv
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        raise UserError("resume= continues one run; it cannot be combined with -m/--multirun.")
+    if override_value(argv, "ckpt_path"):
+        raise UserError("give either resume=<run_dir> (continue a run) or ckpt_path=<file> (new run from a checkpoint), not both.")
+    run_dir = find_latest_run(log_dir_from(argv)) if resume == "latest" else Path(resume).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise UserError(f"resume={resume}: {run_dir} is not a directory.")
+    if not is_run_dir(run_dir):
+        raise UserError(f"resume={resume}: {run_dir} is not a training run directory (it has no {SAVED_OVERRIDES}).")
+    check_checkpoint(run_dir / LAST_CHECKPOINT, f"resume={resume}")
+    pinned = [f"resume='{run_dir}'", f"hydra.run.dir='{run_dir}'"]
+    return merge_overrides(saved_overrides(run_dir), [arg for arg in argv if override_key(arg) != "resume"] + pinned)
+
+
+def eval_argv(argv: list[str]) -> list[str]:
+    """`ckpt_path=<file> ...` -> the overrides of the run that wrote the checkpoint + the new ones."""
+    if any(arg in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info") for arg in argv):
+        return argv
+    ckpt = override_value(argv, "ckpt_path")
+    if ckpt is None:
+        raise UserError("mnist-eval needs a checkpoint: mnist-eval ckpt_path=logs/train/<run>/checkpoints/last.ckpt")
+    path = Path(ckpt).expanduser().resolve()
+    check_checkpoint(path, f"ckpt_path={ckpt}")
+    run_dir = path.parent.parent
+    saved = saved_overrides(run_dir) if is_run_dir(run_dir) else []
+    return merge_overrides(saved, [arg for arg in argv if override_key(arg) != "ckpt_path"] + [f"ckpt_path='{path}'"])

@@ -1,0 +1,66 @@
+"""`mnist-train` (also `python -m mnist_precision.train`): fit, then test the best checkpoint."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_precision.build import build_run
+from mnist_precision.config import CONF_DIR
+from mnist_precision.errors import report_user_errors
+from mnist_precision.runs import LAST_CHECKPOINT, resume_argv
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (resuming if asked), test the best checkpoint, log hparams with the final metrics; return them."""
+    run = build_run(cfg)
+    ckpt_path = str(Path(cfg.resume) / LAST_CHECKPOINT) if cfg.resume else cfg.ckpt_path
+    run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
+    run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best_checkpoint(run.trainer))
+    metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
+    log_hparams_with_metrics(run.trainer, cfg, metrics)
+    return metrics
+
+
+def best_checkpoint(trainer: L.Trainer) -> str | None:
+    """The best-by-val/acc checkpoint, or None (test the weights in memory) when there is none, e.g. fast_dev_run."""
+    monitored = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor]
+    return next((cb.best_model_path for cb in monitored if cb.best_model_path), None)
+
+
+def log_hparams_with_metrics(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    hparams.pop("paths", None)
+    final = {name: value for name, value in metrics.items() if name.startswith(("test/", "val/acc_best"))}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams, final)
+            logger.finalize("success")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    with report_user_errors():
+        metrics = train(cfg)
+    run_dir = HydraConfig.get().runtime.output_dir
+    if "test/acc" in metrics:
+        print(f"test/acc={metrics['test/acc']:.4f}  run dir: {run_dir}", flush=True)
+        return metrics["test/acc"]
+    return None
+
+
+def main() -> None:
+    with report_user_errors():
+        sys.argv[1:] = resume_argv(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
