@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins import MixedPrecision
 from omegaconf import DictConfig
 
 from mnist_precision.classifier import MNISTClassifier
@@ -32,10 +34,19 @@ def build_run(cfg: DictConfig) -> Run:
     )
     callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
     loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **precision_arguments(cfg.precision))
+    precision = precision_arguments(cfg.precision, cfg.trainer.accelerator)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **precision)
     return Run(instantiate(cfg.data), model, trainer)
 
 
-def precision_arguments(precision: DictConfig) -> dict[str, Any]:
+def precision_arguments(precision: DictConfig, accelerator: str) -> dict[str, Any]:
     """Trainer arguments for a `conf/precision/` entry: Lightning's own precision names pass straight through."""
+    if precision.name == "16-mixed" and runs_on_cpu(accelerator):
+        # Given precision="16-mixed" on CPU, Lightning silently trains in bf16 instead. torch has
+        # float16 autocast and GradScaler on CPU, so ask for them explicitly: 16-mixed means float16.
+        return {"plugins": [MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))]}
     return {"precision": precision.name}
+
+
+def runs_on_cpu(accelerator: str) -> bool:
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())

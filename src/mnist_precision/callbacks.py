@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
@@ -15,6 +16,20 @@ from torchvision.utils import make_grid
 
 from mnist_precision.data import NUM_CLASSES, batch_size_of
 from mnist_precision.errors import TrainingDiverged
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Keeps `last.ckpt` current after every epoch, whatever val/acc did: it is what `resume=` continues from.
+
+    Lightning's `save_last=True` writes last.ckpt only in a step where another checkpoint is written,
+    so beside a best-by-val/acc callback it goes stale as soon as val/acc stops improving.
+    """
+
+    def __init__(self, dirpath: str, every_n_epochs: int = 1):
+        super().__init__(
+            dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
+            every_n_epochs=every_n_epochs, enable_version_counter=False,
+        )
 
 
 class NonFiniteLossGuard(L.Callback):

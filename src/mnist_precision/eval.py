@@ -12,12 +12,13 @@ from mnist_precision.build import build_run
 from mnist_precision.config import CONF_DIR
 from mnist_precision.errors import report_user_errors
 from mnist_precision.runs import eval_argv
+from mnist_precision.train import as_floats
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     run = build_run(cfg)
     run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
-    return {name: float(value) for name, value in run.trainer.callback_metrics.items()}
+    return as_floats(run.trainer.callback_metrics)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")

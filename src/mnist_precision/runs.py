@@ -22,6 +22,18 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 REPLACED_ON_REPLAY = ("resume", "ckpt_path")  # per-invocation keys, never taken from a saved run
 
 
+def quote_precision_names(argv: list[str]) -> list[str]:
+    """`precision=32` -> `precision='32'`: Hydra reads a bare 32 as an int, which it refuses as a config name."""
+
+    def quote(option: str) -> str:
+        return f"'{option}'" if option.isdigit() else option
+
+    return [
+        "precision=" + ",".join(quote(option) for option in arg.split("=", 1)[1].split(",")) if arg.startswith("precision=") else arg
+        for arg in argv
+    ]
+
+
 def override_key(arg: str) -> str | None:
     """`trainer.max_epochs` for `trainer.max_epochs=10` (also `+key=`, `++key=`, `~key`); None for flags."""
     if arg.startswith("-"):
@@ -79,6 +91,7 @@ def log_dir_from(argv: list[str]) -> Path:
 
 def resume_argv(argv: list[str]) -> list[str]:
     """`resume=<run_dir>|latest ...` -> the run's saved overrides + the new ones, run dir pinned."""
+    argv = quote_precision_names(argv)
     resume = override_value(argv, "resume")
     if resume is None:
         return argv
@@ -98,6 +111,7 @@ def resume_argv(argv: list[str]) -> list[str]:
 
 def eval_argv(argv: list[str]) -> list[str]:
     """`ckpt_path=<file> ...` -> the overrides of the run that wrote the checkpoint + the new ones."""
+    argv = quote_precision_names(argv)
     if any(arg in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info") for arg in argv):
         return argv
     ckpt = override_value(argv, "ckpt_path")

@@ -23,10 +23,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run = build_run(cfg)
     ckpt_path = str(Path(cfg.resume) / LAST_CHECKPOINT) if cfg.resume else cfg.ckpt_path
     run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
+    metrics = as_floats(run.trainer.callback_metrics)  # test() starts a fresh set
     run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best_checkpoint(run.trainer))
-    metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
+    metrics.update(as_floats(run.trainer.callback_metrics))
     log_hparams_with_metrics(run.trainer, cfg, metrics)
     return metrics
+
+
+def as_floats(metrics: dict) -> dict[str, float]:
+    return {name: float(value) for name, value in metrics.items()}
 
 
 def best_checkpoint(trainer: L.Trainer) -> str | None:
