@@ -131,7 +131,8 @@ def run_main(tmp_path: Path, mnist_root: Path, monkeypatch: pytest.MonkeyPatch, 
         monkeypatch.setenv("MNIST_ROOT", str(mnist_root))
         monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
         prefix = [*FAST, f"paths.log_dir={tmp_path / 'logs'}"] if fast else []
-        monkeypatch.setattr(sys, "argv", ["mnist", *prefix, *args])
+        flags = [arg for arg in args if arg.startswith("-")]  # Hydra wants -m, --help before the overrides
+        monkeypatch.setattr(sys, "argv", ["mnist", *flags, *prefix, *(arg for arg in args if not arg.startswith("-"))])
         capsys.readouterr()
         try:
             main()

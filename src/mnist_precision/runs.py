@@ -89,16 +89,18 @@ def log_dir_from(argv: list[str]) -> Path:
     return Path(value).expanduser().resolve() if value else DEFAULT_LOG_DIR
 
 
-def resume_argv(argv: list[str]) -> list[str]:
-    """`resume=<run_dir>|latest ...` -> the run's saved overrides + the new ones, run dir pinned."""
+def train_argv(argv: list[str]) -> list[str]:
+    """Checks `ckpt_path=`; turns `resume=<run_dir>|latest` into the run's saved overrides + the new ones, run dir pinned."""
     argv = quote_precision_names(argv)
-    resume = override_value(argv, "resume")
+    resume, ckpt = override_value(argv, "resume"), override_value(argv, "ckpt_path")
+    if resume and ckpt:
+        raise UserError("give either resume=<run_dir> (continue a run) or ckpt_path=<file> (new run from a checkpoint), not both.")
+    if ckpt:
+        check_checkpoint(Path(ckpt).expanduser().resolve(), f"ckpt_path={ckpt}")
     if resume is None:
         return argv
     if any(arg in ("-m", "--multirun") for arg in argv):
         raise UserError("resume= continues one run; it cannot be combined with -m/--multirun.")
-    if override_value(argv, "ckpt_path"):
-        raise UserError("give either resume=<run_dir> (continue a run) or ckpt_path=<file> (new run from a checkpoint), not both.")
     run_dir = find_latest_run(log_dir_from(argv)) if resume == "latest" else Path(resume).expanduser().resolve()
     if not run_dir.is_dir():
         raise UserError(f"resume={resume}: {run_dir} is not a directory.")

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from mnist_precision.build import build_run
 from mnist_precision.config import CONF_DIR
 from mnist_precision.errors import report_user_errors
-from mnist_precision.runs import LAST_CHECKPOINT, resume_argv
+from mnist_precision.runs import LAST_CHECKPOINT, train_argv
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -35,9 +35,12 @@ def as_floats(metrics: dict) -> dict[str, float]:
 
 
 def best_checkpoint(trainer: L.Trainer) -> str | None:
-    """The best-by-val/acc checkpoint, or None (test the weights in memory) when there is none, e.g. fast_dev_run."""
+    """The best-by-val/acc checkpoint, or None (test the weights in memory) when there is none, e.g. fast_dev_run.
+
+    A run started with ckpt_path= inherits the source run's best path, which may no longer exist.
+    """
     monitored = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor]
-    return next((cb.best_model_path for cb in monitored if cb.best_model_path), None)
+    return next((cb.best_model_path for cb in monitored if cb.best_model_path and Path(cb.best_model_path).is_file()), None)
 
 
 def log_hparams_with_metrics(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
@@ -63,7 +66,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     with report_user_errors():
-        sys.argv[1:] = resume_argv(sys.argv[1:])
+        sys.argv[1:] = train_argv(sys.argv[1:])
     _hydra_main()
 
 

@@ -1,0 +1,207 @@
+"""The command-line entry points: run dirs, resume, eval, multirun, DDP on CPU, --help, and every bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import files_under
+from mnist_precision import eval as eval_cli
+from mnist_precision import train as train_cli
+from mnist_precision.runs import merge_overrides, quote_precision_names
+
+
+def only_run_dir(log_dir: Path, kind: str = "train") -> Path:
+    runs = sorted((log_dir / kind).iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def event_files(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    return [event.step for event in accumulator.Scalars(tag)]
+
+
+def test_train_writes_a_run_dir_then_eval_tests_it_with_the_run_config(run_main, tmp_path):
+    result = run_main(train_cli.main, "model=cnn", "trainer.max_epochs=2", "precision=bf16-mixed")
+    assert result.code == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "logs")
+    assert f"run dir: {run_dir}" in result.stdout and "test/acc=" in result.stdout
+    assert (run_dir / ".hydra/config.yaml").is_file() and (run_dir / "checkpoints/last.ckpt").is_file()
+    assert event_files(run_dir)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    for tag in ["train/loss_step", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", "lr", "throughput/samples_per_sec"]:
+        assert tag in tags["scalars"], tag
+    assert "test/predictions" in tags["images"] and "test/confusion_matrix" in tags["images"]
+
+    train_acc = float(result.stdout.split("test/acc=")[1].split()[0])
+    best = next((run_dir / "checkpoints").glob("best_*.ckpt"))
+    evaluated = run_main(eval_cli.main, f"ckpt_path={best}", fast=False)
+    assert evaluated.code == 0, evaluated.stderr
+    assert f"test/acc={train_acc:.4f}" in evaluated.stdout  # same model, same precision, same data: same accuracy
+    eval_dir = only_run_dir(tmp_path / "logs", "eval")
+    eval_overrides = yaml.safe_load((eval_dir / ".hydra/overrides.yaml").read_text())
+    assert "model=cnn" in eval_overrides and "precision=bf16-mixed" in eval_overrides
+
+
+def test_resume_latest_continues_the_same_run_dir_and_event_stream(run_cli, tmp_path):
+    first = run_cli("train", "trainer.max_epochs=2")
+    assert first.code == 0, first.stderr
+    run_dir = only_run_dir(tmp_path / "logs")
+    second = run_cli("train", "resume=latest", "trainer.max_epochs=4")
+    assert second.code == 0, second.stderr
+    assert only_run_dir(tmp_path / "logs") == run_dir and f"run dir: {run_dir}" in second.stdout
+    assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4 * 8
+    assert scalar_steps(run_dir, "val/acc") == sorted(set(scalar_steps(run_dir, "val/acc")))  # curves continue, no overlap
+    assert len(scalar_steps(run_dir, "val/acc")) == 4
+    saved = yaml.safe_load((run_dir / ".hydra/overrides.yaml").read_text())
+    assert "trainer.max_epochs=4" in saved and "trainer.max_epochs=2" not in saved
+
+
+def test_ckpt_path_starts_a_new_run_from_a_checkpoint(run_main, tmp_path):
+    assert run_main(train_cli.main, "trainer.max_epochs=1").code == 0
+    source = only_run_dir(tmp_path / "logs")
+    shutil.copytree(source, tmp_path / "source")  # the second run gets a new timestamped dir
+    shutil.rmtree(source)
+    result = run_main(train_cli.main, f"ckpt_path={tmp_path / 'source/checkpoints/last.ckpt'}", "trainer.max_epochs=2")
+    assert result.code == 0, result.stderr
+    new_run = only_run_dir(tmp_path / "logs")
+    assert torch.load(new_run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2 * 8
+
+
+def test_multirun_sweeps_precision_and_model(run_main, tmp_path):
+    result = run_main(train_cli.main, "-m", "precision=32,bf16-mixed", "model=mlp,cnn", "trainer.max_epochs=1")
+    assert result.code == 0, result.stderr
+    sweep = only_run_dir(tmp_path / "logs", "multirun")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    overrides = [yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) for job in jobs]
+    combos = {tuple(o for o in job if o.startswith(("precision=", "model="))) for job in overrides}
+    assert combos == {(f"precision={p}", f"model={m}") for p in ("'32'", "bf16-mixed") for m in ("mlp", "cnn")}
+    assert all((job / "tensorboard").is_dir() for job in jobs)
+
+
+def test_ddp_on_cpu_with_two_processes(run_cli, tmp_path):
+    result = run_cli("train", "trainer=ddp_cpu", "trainer.max_epochs=1", timeout=400)
+    assert result.code == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path / "logs")
+    checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4  # 512 training images / 2 ranks / 64 per batch
+
+
+def test_help_lists_every_config_group_and_its_options(run_main):
+    result = run_main(train_cli.main, "--help", fast=False)
+    assert result.code == 0
+    for group, options in {
+        "data": ["mnist"], "model": ["mlp", "cnn", "convnet"], "optimizer": ["adam", "adamw", "sgd"],
+        "scheduler": ["none", "step", "exponential", "cosine", "onecycle"],
+        "precision": ["32", "16-mixed", "bf16-mixed", "16-true", "bf16-true"],
+        "trainer": ["cpu", "gpu", "ddp", "ddp_cpu"], "callbacks": ["default"], "logger": ["tensorboard", "none"],
+        "experiment": ["flux_mlp", "paper_cnn"], "debug": ["fdr", "overfit", "limit"],
+    }.items():
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"{group}:"))
+        assert all(option in line for option in options), line
+
+
+def test_override_merging_and_precision_quoting():
+    assert merge_overrides(["model=cnn", "trainer.max_epochs=5", "resume=/old"], ["trainer.max_epochs=10"]) == [
+        "model=cnn", "trainer.max_epochs=10"]
+    assert quote_precision_names(["precision=32,bf16-mixed", "seed=32"]) == ["precision='32',bf16-mixed", "seed=32"]
+
+
+# --- bad inputs: one clear message, non-zero exit, nothing written -------------------------------------------------
+
+BAD_TRAIN_INPUTS = {
+    "unknown option": (["trainer.nonsense=1"], "Could not override 'trainer.nonsense'"),
+    "unknown group option": (["model=resnet"], "Could not find 'model/resnet'"),
+    "wrong type": (["trainer.max_epochs=abc"], "trainer.max_epochs must be an integer, got 'abc'"),
+    "batch size zero": (["data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
+    "negative lr": (["optimizer.lr=-0.1"], "optimizer.lr must be > 0, got -0.1"),
+    "val split too large": (["data.val_size=640"], "data.val_size=640 must be between 1 and 639"),
+    "unknown device": (["trainer.accelerator=tpu9"], "trainer.accelerator='tpu9' is not one of"),
+    "gpu without gpu": (["trainer=gpu"], "torch sees no CUDA GPU here"),
+    "too many devices": (["trainer=ddp_cpu", "trainer.devices=64"], "trainer.devices=64 but this machine has"),
+    "resume missing dir": (["resume=/nonexistent/run"], "resume=/nonexistent/run: /nonexistent/run is not a directory"),
+    "resume and ckpt_path": (["resume=latest", "ckpt_path=x.ckpt"], "not both"),
+    "missing ckpt_path": (["ckpt_path=/nonexistent.ckpt"], "/nonexistent.ckpt does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN_INPUTS, ids=list(BAD_TRAIN_INPUTS))
+def test_bad_training_input_gets_one_clear_message(run_main, tmp_path, case):
+    if case == "gpu without gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args, message = BAD_TRAIN_INPUTS[case]
+    result = run_main(train_cli.main, *args)
+    assert result.code != 0
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "logs").glob("*/*/checkpoints"))
+
+
+def test_resume_latest_with_no_runs_says_so(run_main, tmp_path):
+    result = run_main(train_cli.main, "resume=latest")
+    assert result.code == 1 and f"no run under {tmp_path / 'logs'} has a checkpoints/last.ckpt" in result.stderr
+
+
+def test_resume_of_a_directory_that_is_not_a_run(run_main, tmp_path):
+    (tmp_path / "plain").mkdir()
+    result = run_main(train_cli.main, f"resume={tmp_path / 'plain'}")
+    assert result.code == 1 and "is not a training run directory" in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "missing"])
+def test_resume_from_a_damaged_checkpoint_is_refused_and_nothing_is_overwritten(run_main, tmp_path, damage):
+    assert run_main(train_cli.main, "trainer.max_epochs=1").code == 0
+    run_dir = only_run_dir(tmp_path / "logs")
+    last = run_dir / "checkpoints/last.ckpt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    elif damage == "not a checkpoint":
+        torch.save({"weights": torch.zeros(2)}, last)
+    else:
+        last.unlink()
+    before = files_under(run_dir)
+    result = run_main(train_cli.main, f"resume={run_dir}", "trainer.max_epochs=2")
+    assert result.code == 1 and "resume=" in result.stderr and str(run_dir) in result.stderr, result.stderr
+    assert files_under(run_dir) == before
+
+
+def test_non_finite_loss_exits_non_zero_with_the_step_precision_and_fix(run_main):
+    result = run_main(train_cli.main, "precision=16-true", "optimizer.lr=1e-4", "trainer.max_epochs=1")
+    assert result.code == 1
+    assert "error: the training loss is nan at step" in result.stderr and "precision=16-true" in result.stderr
+    assert "16-master" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_files_exit_with_the_expected_files(run_main, tmp_path):
+    result = run_main(train_cli.main, f"data.data_dir={tmp_path / 'empty'}", "data.download=false")
+    assert result.code == 1 and "train-images-idx3-ubyte" in result.stderr and "MNIST_ROOT=" in result.stderr
+
+
+def test_eval_without_ckpt_path_says_how_to_call_it(run_main):
+    result = run_main(eval_cli.main, fast=False)
+    assert result.code == 1 and "mnist-eval needs a checkpoint: mnist-eval ckpt_path=" in result.stderr
+
+
+def test_eval_of_a_truncated_checkpoint_is_refused(run_main, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x80\x02not really")
+    result = run_main(eval_cli.main, f"ckpt_path={bad}", fast=False)
+    assert result.code == 1 and "is not a readable checkpoint" in result.stderr
