@@ -14,6 +14,8 @@ from omegaconf import DictConfig
 from mnist_precision.classifier import MNISTClassifier
 from mnist_precision.config import check_config
 from mnist_precision.data import MNISTDataModule
+from mnist_precision.errors import UserError
+from mnist_precision.master_precision import MasterCopyPrecision
 
 
 @dataclass
@@ -34,18 +36,42 @@ def build_run(cfg: DictConfig) -> Run:
     )
     callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
     loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node is not None]
-    precision = precision_arguments(cfg.precision, cfg.trainer.accelerator)
+    precision = precision_arguments(cfg.precision, cfg.trainer, cfg.optimizer)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **precision)
     return Run(instantiate(cfg.data), model, trainer)
 
 
-def precision_arguments(precision: DictConfig, accelerator: str) -> dict[str, Any]:
+def precision_arguments(precision: DictConfig, cfg_trainer: DictConfig, cfg_optimizer: DictConfig) -> dict[str, Any]:
     """Trainer arguments for a `conf/precision/` entry: Lightning's own precision names pass straight through."""
-    if precision.name == "16-mixed" and runs_on_cpu(accelerator):
+    if precision.name in ("16-master", "bf16-master"):
+        check_master_copy_combination(precision.name, cfg_trainer, cfg_optimizer)
+        settings = {key: value for key, value in precision.items() if key != "name"}
+        device = "cpu" if runs_on_cpu(cfg_trainer.accelerator) else "cuda"
+        try:
+            return {"plugins": [MasterCopyPrecision(precision.name, device=device, **settings)]}
+        except (TypeError, ValueError) as error:
+            raise UserError(f"precision={precision.name}: {error}") from None
+    if precision.name == "16-mixed" and runs_on_cpu(cfg_trainer.accelerator):
         # Given precision="16-mixed" on CPU, Lightning silently trains in bf16 instead. torch has
         # float16 autocast and GradScaler on CPU, so ask for them explicitly: 16-mixed means float16.
         return {"plugins": [MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))]}
     return {"precision": precision.name}
+
+
+def check_master_copy_combination(name: str, trainer: DictConfig, optimizer: DictConfig) -> None:
+    strategy = str(trainer.get("strategy", "auto"))
+    if "fsdp" in strategy or "deepspeed" in strategy:
+        raise UserError(
+            f"precision={name} cannot be combined with strategy={strategy}: that strategy shards the parameters and keeps "
+            "its own FP32 copies. Use its own mixed precision (precision=bf16-mixed) or strategy=ddp."
+        )
+    if str(optimizer.get("_target_", "")).endswith("LBFGS"):
+        raise UserError(f"precision={name} cannot drive LBFGS: its step() re-evaluates the loss closure on the half model.")
+    if optimizer.get("fused") and trainer.get("gradient_clip_val"):
+        raise UserError(
+            f"precision={name} with a fused optimizer cannot clip gradients: fused optimizers unscale inside step(), "
+            "after clipping. Set optimizer.fused=false or trainer.gradient_clip_val=null."
+        )
 
 
 def runs_on_cpu(accelerator: str) -> bool:

@@ -88,6 +88,12 @@ class MNISTClassifier(L.LightningModule):
         self.log("test/acc", self.test_acc, on_epoch=True)
         return {"preds": preds, "labels": labels}
 
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # A step that loss scaling skipped (overflow) changed no weights: keep the schedule where it is.
+        if self.lr_interval == "step" and getattr(self.trainer.precision_plugin, "skipped_last_step", False):
+            return
+        super().lr_scheduler_step(scheduler, metric)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning does not checkpoint RNG state; dropout draws from it, so exact resume needs it.
         # (Torch generators only: their states are tensors, loadable with weights_only=True.)

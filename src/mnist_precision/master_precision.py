@@ -1,0 +1,176 @@
+"""FP32 master-copy mixed precision: `precision=16-master` and `precision=bf16-master`.
+
+Classic mixed precision (Micikevicius et al. 2018; NVIDIA apex amp O2; the Flux tutorial's
+"FP32 master copy"), which Lightning dropped with apex:
+
+    model weights, activations, gradients   float16 / bfloat16 (norm layers stay FP32)
+    loss                                    FP32, multiplied by the loss scale before backward
+    master weights, optimizer state         FP32: the optimizer steps on these
+    after a clean step                      master weights are copied back into the half model
+
+torch's `GradScaler` does the scaling, the unscaling, the inf/NaN check, the step skipping and the
+dynamic scale. What torch lacks, and this file adds: the FP32 master copy that the optimizer sees
+in place of the half parameters, the copies between the two, and checkpointing the masters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.utilities import GradClipAlgorithmType
+from torch import Tensor, nn
+from torch.optim import LBFGS, Optimizer
+from torchmetrics import Metric
+
+import lightning.pytorch as pl
+
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+MasterPrecision = Literal["16-master", "bf16-master"]
+
+
+class MasterCopyPrecision(HalfPrecision):
+    """Half-precision model, FP32 master weights in the optimizer, loss scaling with skipped overflow steps.
+
+    Args:
+        precision: "16-master" (float16) or "bf16-master" (bfloat16).
+        device: where the gradients live, "cpu" or "cuda" (for the GradScaler).
+        loss_scale: "dynamic", a positive number for a static scale (the Flux tutorial uses 128), or
+            None for the default: dynamic for float16, a static 1 (no scaling) for bfloat16.
+        init_scale, growth_factor, backoff_factor, growth_interval: the dynamic scale's schedule.
+    """
+
+    def __init__(
+        self,
+        precision: MasterPrecision = "16-master",
+        device: str = "cuda",
+        loss_scale: Literal["dynamic"] | float | None = None,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ) -> None:
+        if precision not in ("16-master", "bf16-master"):
+            raise ValueError(f"precision must be '16-master' or 'bf16-master', got {precision!r}")
+        super().__init__("16-true" if precision == "16-master" else "bf16-true")
+        self.precision = precision  # type: ignore[assignment]
+        if loss_scale is None:
+            loss_scale = "dynamic" if precision == "16-master" else 1.0
+        self.dynamic = loss_scale == "dynamic"
+        if not self.dynamic and (isinstance(loss_scale, str) or not float(loss_scale) > 0):
+            raise ValueError(f"precision.loss_scale must be 'dynamic' or a number > 0, got {loss_scale!r}")
+        if self.dynamic and not growth_factor > 1:
+            raise ValueError(f"precision.growth_factor must be > 1, got {growth_factor}")
+        if self.dynamic and not 0 < backoff_factor < 1:
+            raise ValueError(f"precision.backoff_factor must be between 0 and 1, got {backoff_factor}")
+        if self.dynamic and not (isinstance(growth_interval, int) and growth_interval >= 1):
+            raise ValueError(f"precision.growth_interval must be an integer >= 1, got {growth_interval!r}")
+        self.static_scale = None if self.dynamic else float(loss_scale)
+        self.scaler = torch.amp.GradScaler(
+            device,
+            init_scale=init_scale if self.dynamic else self.static_scale,
+            growth_factor=growth_factor if self.dynamic else 2.0,
+            backoff_factor=backoff_factor if self.dynamic else 0.5,
+            growth_interval=growth_interval if self.dynamic else 1,
+        )
+        self.masters: dict[str, Tensor] = {}  # parameter name -> FP32 master
+        self._half_to_master: dict[nn.Parameter, Tensor] = {}
+        self.skipped_steps = 0
+        self.skipped_last_step = False
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Half weights, FP32 norm layers; the FP32 weights before the cast become the masters."""
+        norm_params = {id(p) for m in module.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
+        halves = [(name, p) for name, p in module.named_parameters() if p.is_floating_point() and id(p) not in norm_params]
+        self.masters = {name: p.detach().float().clone() for name, p in halves}
+        dtype = self._desired_input_dtype
+        for child in module.modules():  # one module at a time: norm layers and metric states are left alone
+            if not isinstance(child, (*NORM_LAYERS, Metric)):
+                child._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+        self._half_to_master = {p: self.masters[name] for name, p in halves}
+        return module
+
+    def connect(self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]) -> tuple[nn.Module, list[Optimizer], list[Any]]:
+        """Put the FP32 masters in the optimizers in place of the half parameters they stand for."""
+        distributed = dist.is_available() and dist.is_initialized()
+        for half, master in self._half_to_master.items():
+            master.data = master.data.to(half.device)  # the model moved to its device after convert_module
+            if distributed:
+                dist.broadcast(master, src=0)  # every rank starts from rank 0's masters
+        self._masters_to_model()
+        for optimizer in optimizers:
+            if isinstance(optimizer, LBFGS):
+                raise ValueError("precision=16-master/bf16-master cannot drive LBFGS (its step re-evaluates the closure).")
+            for group in optimizer.param_groups:
+                group["params"] = [self._half_to_master.get(p, p) for p in group["params"]]
+        return model, optimizers, lr_schedulers
+
+    def convert_input(self, data: Any) -> Any:
+        """Cast the inputs of an (inputs, targets) batch; targets stay FP32 for the FP32 loss."""
+        if isinstance(data, (tuple, list)) and len(data) == 2:
+            return type(data)([super().convert_input(data[0]), data[1]])
+        return super().convert_input(data)
+
+    def pre_backward(self, tensor: Tensor, module: "pl.LightningModule") -> Tensor:  # type: ignore[override]
+        return super().pre_backward(self.scaler.scale(tensor.float()), module)
+
+    def optimizer_step(  # type: ignore[override]
+        self, optimizer: Optimizer, model: "pl.LightningModule", closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        closure_result = closure()  # forward and backward of the last micro-batch
+        if closure_result is None and model.automatic_optimization:
+            return None  # training_step skipped backward
+        self._gradients_to_masters()
+        self.scaler.unscale_(optimizer)  # FP32 master gradients, unscaled, inf/NaN recorded
+        self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, then clipping
+        # GradScaler keeps the per-device overflow flags private; it reads them the same way in step().
+        found_inf = sum(v.item() for v in self.scaler._found_inf_per_device(optimizer).values())
+        step_output = self.scaler.step(optimizer, **kwargs)  # skipped when found_inf
+        self.skipped_last_step = bool(found_inf)
+        if self.skipped_last_step:
+            self.skipped_steps += 1
+        else:
+            self._masters_to_model()
+        self.scaler.update(self.static_scale)  # dynamic: back off or grow; static: stays put
+        return step_output
+
+    def clip_gradients(
+        self, optimizer: Optimizer, clip_val: int | float = 0.0, gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM
+    ) -> None:
+        if clip_val > 0 and any(group.get("fused") for group in optimizer.param_groups):
+            raise ValueError("a fused optimizer unscales inside step(), after clipping would happen; use fused=false to clip.")
+        super().clip_gradients(optimizer, clip_val, gradient_clip_algorithm)  # on the optimizer's params: the masters
+
+    @torch.no_grad()
+    def _gradients_to_masters(self) -> None:
+        for half, master in self._half_to_master.items():
+            master.grad = None if half.grad is None else half.grad.float()
+            half.grad = None  # the half grads would otherwise keep accumulating across steps
+
+    @torch.no_grad()
+    def _masters_to_model(self) -> None:
+        for half, master in self._half_to_master.items():
+            half.copy_(master)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.get_scale()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict(), "masters": self.masters, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state_dict["scaler"])
+        self.skipped_steps = state_dict["skipped_steps"]
+        with torch.no_grad():
+            for name, saved in state_dict["masters"].items():
+                self.masters[name].copy_(saved)
+        self._masters_to_model()
+
+
+def fp32_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
+    """A checkpoint's weights in FP32 for inference: the FP32 masters where the plugin kept them."""
+    masters = checkpoint.get(MasterCopyPrecision.__qualname__, {}).get("masters", {})
+    return {name: masters.get(name, value).float() if value.is_floating_point() else value for name, value in checkpoint["state_dict"].items()}
