@@ -83,10 +83,11 @@ FAST = [
 ]
 
 
-def compose_config(overrides: list[str], output_dir: Path, mnist_root: Path) -> DictConfig:
-    """The training config as `mnist-train` composes it, writing into `output_dir`."""
+def compose_config(overrides: list[str], output_dir: Path, mnist_root: Path, fast: bool = True) -> DictConfig:
+    """The training config as `mnist-train` composes it, writing into `output_dir` (FAST: small and quiet)."""
+    quiet = FAST if fast else ["trainer=cpu", "trainer.enable_progress_bar=false"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=quote_precision_names([f"data.data_dir={mnist_root}", *FAST, *overrides]))
+        cfg = compose("train", overrides=quote_precision_names([f"data.data_dir={mnist_root}", *quiet, *overrides]))
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -205,3 +206,11 @@ def test_eval_of_a_truncated_checkpoint_is_refused(run_main, tmp_path):
     bad.write_bytes(b"\x80\x02not really")
     result = run_main(eval_cli.main, f"ckpt_path={bad}", fast=False)
     assert result.code == 1 and "is not a readable checkpoint" in result.stderr
+
+
+def test_a_failing_sweep_job_is_reported_and_the_sweep_goes_on(run_main, tmp_path):
+    result = run_main(train_cli.main, "-m", "precision=16-true,32", "optimizer.lr=1e-4", "trainer.max_epochs=1")
+    assert result.code == 1 and "1 job(s) of the sweep failed" in result.stderr
+    sweep = only_run_dir(tmp_path / "logs", "multirun")
+    assert "precision=16-true" in json.loads((sweep / "0/metrics.json").read_text())["error"]
+    assert 0 <= json.loads((sweep / "1/metrics.json").read_text())["test/acc"] <= 1

@@ -193,3 +193,13 @@ def test_ddp_on_cpu_keeps_masters_identical_on_both_ranks(tmp_path, mnist_root):
     for a, b in [(start0, start1), (end0, end1)]:
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(start0["net.1.weight"], end0["net.1.weight"])  # they did train
+
+
+def test_tensorboard_gets_the_loss_scale_and_skipped_steps(make_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(make_config("precision=16-master", "precision.init_scale=1024", *LIMITED))
+    events = EventAccumulator(str(tmp_path / "run/tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("precision/loss_scale")][0] == 1024
+    assert [e.value for e in events.Scalars("precision/skipped_steps")][-1] == 0

@@ -56,6 +56,21 @@ def _divergence_hint(precision: str) -> str:
     return "Lower the learning rate (optimizer.lr=...), add gradient clipping (trainer.gradient_clip_val=1.0), or check the inputs."
 
 
+class LossScaleMonitor(L.Callback):
+    """Logs `precision/loss_scale` (any precision plugin with a GradScaler) and `precision/skipped_steps`.
+
+    Only on logging steps: reading the scale is a device sync.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or (trainer.global_step % trainer.log_every_n_steps and not trainer.is_last_batch):
+            return
+        pl_module.log("precision/loss_scale", scaler.get_scale(), on_step=True, on_epoch=False)
+        if hasattr(trainer.precision_plugin, "skipped_steps"):
+            pl_module.log("precision/skipped_steps", float(trainer.precision_plugin.skipped_steps), on_step=True, on_epoch=False)
+
+
 class EpochThroughput(L.Callback):
     """Logs training samples/s once per epoch.
 

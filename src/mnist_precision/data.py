@@ -119,7 +119,7 @@ class MNISTDataModule(L.LightningDataModule):
         shuffle_seed: int = 42,
         batch_size: int = 128,
         eval_batch_size: int = 1_000,
-        normalize: bool = False,
+        normalize: bool = True,
         on_device: Literal["auto", True, False] = "auto",
     ):
         super().__init__()

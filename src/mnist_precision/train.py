@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_precision.build import build_run
 from mnist_precision.config import CONF_DIR
-from mnist_precision.errors import report_user_errors
+from mnist_precision.errors import UserError, exit_with, report_user_errors
 from mnist_precision.runs import LAST_CHECKPOINT, train_argv
 
 
@@ -53,21 +55,34 @@ def log_hparams_with_metrics(trainer: L.Trainer, cfg: DictConfig, metrics: dict[
             logger.finalize("success")
 
 
+FAILED_SWEEP_JOBS: list[str] = []
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    with report_user_errors():
+    """Each run leaves metrics.json in its run dir: the final metrics, or the error that stopped it."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
         metrics = train(cfg)
-    run_dir = HydraConfig.get().runtime.output_dir
-    if "test/acc" in metrics:
-        print(f"test/acc={metrics['test/acc']:.4f}  run dir: {run_dir}", flush=True)
-        return metrics["test/acc"]
-    return None
+    except UserError as error:
+        (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            exit_with(error)
+        print(f"error: {error}", file=sys.stderr, flush=True)  # a sweep goes on; main() exits non-zero at the end
+        FAILED_SWEEP_JOBS.append(str(run_dir))
+        return None
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"test/acc={metrics['test/acc']:.4f}  run dir: {run_dir}", flush=True)
+    return metrics["test/acc"]
 
 
 def main() -> None:
     with report_user_errors():
         sys.argv[1:] = train_argv(sys.argv[1:])
-    _hydra_main()
+        _hydra_main()
+        if FAILED_SWEEP_JOBS:
+            raise UserError(f"{len(FAILED_SWEEP_JOBS)} job(s) of the sweep failed: " + ", ".join(FAILED_SWEEP_JOBS))
 
 
 if __name__ == "__main__":
