@@ -203,3 +203,15 @@ def test_tensorboard_gets_the_loss_scale_and_skipped_steps(make_config, tmp_path
     events.Reload()
     assert [e.value for e in events.Scalars("precision/loss_scale")][0] == 1024
     assert [e.value for e in events.Scalars("precision/skipped_steps")][-1] == 0
+
+
+@pytest.mark.parametrize("master, autocast", [("16-master", "16-mixed"), ("bf16-master", "bf16-mixed")])
+def test_masters_equal_autocast_weights_bit_for_bit_on_an_mlp(make_config, tmp_path, master, autocast):
+    """On an MLP both compute every op on the same half-rounded weights and step Adam in FP32 on the same
+    unscaled gradients, so the FP32 masters must equal autocast's FP32 weights exactly: a check to the bit."""
+    train(make_config(f"precision={autocast}", "trainer.max_epochs=2", output_dir=tmp_path / "autocast"))
+    train(make_config(f"precision={master}", "trainer.max_epochs=2", output_dir=tmp_path / "master"))
+    weights = load(tmp_path / "autocast/checkpoints/last.ckpt")["state_dict"]
+    masters = load(tmp_path / "master/checkpoints/last.ckpt")["MasterCopyPrecision"]["masters"]
+    assert masters.keys() == {k for k in weights if k.startswith("net.")}
+    assert all(torch.equal(weights[name], masters[name]) for name in masters)
