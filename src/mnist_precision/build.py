@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins import MixedPrecision
 from omegaconf import DictConfig
 
+from mnist_precision.checkpoint_io import AtomicCheckpointIO
 from mnist_precision.classifier import MNISTClassifier
 from mnist_precision.config import check_config
 from mnist_precision.data import MNISTDataModule
@@ -37,7 +38,8 @@ def build_run(cfg: DictConfig) -> Run:
     callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
     loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node is not None]
     precision = precision_arguments(cfg.precision, cfg.trainer, cfg.optimizer)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **precision)
+    plugins = [AtomicCheckpointIO(), *precision.pop("plugins", [])]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **precision)
     return Run(instantiate(cfg.data), model, trainer)
 
 

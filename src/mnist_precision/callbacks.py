@@ -1,7 +1,11 @@
-"""Callbacks the template adds to Lightning's: the non-finite-loss guard, epoch throughput, test figures."""
+"""Callbacks the template adds to Lightning's: last.ckpt and preemption checkpoints, the non-finite-loss guard,
+the loss-scale monitor, epoch throughput, test figures."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -10,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import make_grid
@@ -23,13 +28,66 @@ class LastCheckpoint(ModelCheckpoint):
 
     Lightning's `save_last=True` writes last.ckpt only in a step where another checkpoint is written,
     so beside a best-by-val/acc callback it goes stale as soon as val/acc stops improving.
+
+    It also writes every `every_n_train_steps` optimizer steps (0: never), which bounds what a SIGKILL
+    can lose. (ModelCheckpoint allows either an epoch or a step trigger, not both: the step one is ours.)
     """
 
-    def __init__(self, dirpath: str, every_n_epochs: int = 1):
+    def __init__(self, dirpath: str, every_n_epochs: int = 1, every_n_train_steps: int = 0):
         super().__init__(
             dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
             every_n_epochs=every_n_epochs, enable_version_counter=False,
         )
+        self.every_n_steps = every_n_train_steps
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not self._should_skip_saving_checkpoint(trainer):
+            self._save_checkpoint(trainer, self.path)
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM (SLURM, cloud preemption) or Ctrl-C: finish the current batch, save last.ckpt, stop.
+
+    Lightning already turns SIGTERM into a `SIGTERMException` at the next batch boundary (on every
+    DDP rank) and calls `on_exception`; here SIGINT is routed the same way, and the exact state at
+    that boundary (loops, data position, RNG, precision plugin) is saved for `resume=`.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.saved_to: str | None = None
+        self._previous_sigint: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.signal = signal.SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigint()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
+        if not isinstance(exception, SIGTERMException):
+            return
+        self.signal = self.signal or signal.SIGTERM
+        last = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, LastCheckpoint)), None)
+        if last is not None and last.dirpath:
+            trainer.save_checkpoint(last.path)
+            self.saved_to = last.path
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
 
 class NonFiniteLossGuard(L.Callback):

@@ -128,6 +128,8 @@ class MNISTDataModule(L.LightningDataModule):
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
 
     def prepare_data(self) -> None:
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise UserError(f"data.data_dir={self.data_dir} is not a directory (it should hold MNIST/raw/).")
         if all((self.data_dir / "MNIST" / "raw" / name).is_file() for name in RAW_FILES):
             return  # nothing to fetch; also keeps read-only data directories untouched
         if not self.hparams.download:

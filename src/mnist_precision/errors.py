@@ -15,10 +15,18 @@ class TrainingDiverged(UserError):
     """The loss became inf or NaN; training stopped before the optimizer used it."""
 
 
+class TrainingInterrupted(UserError):
+    """SIGTERM/SIGINT stopped training after saving its state; exits 128 + the signal number, as shells do."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
 def exit_with(error: UserError) -> NoReturn:
-    """`error: <message>` on stderr, exit status 1."""
+    """`error: <message>` on stderr; exit status 1 (or the error's own `exit_code`)."""
     print(f"error: {error}", file=sys.stderr, flush=True)
-    raise SystemExit(1) from None
+    raise SystemExit(getattr(error, "exit_code", 1)) from None
 
 
 @contextmanager
@@ -28,3 +36,18 @@ def report_user_errors() -> Iterator[None]:
         yield
     except UserError as error:
         exit_with(error)
+
+
+@contextmanager
+def explain_checkpoint_mismatch(ckpt_path: str | None) -> Iterator[None]:
+    """A checkpoint whose weights do not fit the configured model: say so instead of a state_dict dump."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not ckpt_path or "Error(s) in loading state_dict" not in str(error):
+            raise
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
+        raise UserError(
+            f"{ckpt_path} was written for a different model than the one configured ({detail[:200]}). "
+            "Pass the model= (and precision=) the checkpoint was trained with."
+        ) from None

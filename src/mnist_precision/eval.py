@@ -10,14 +10,15 @@ from omegaconf import DictConfig
 
 from mnist_precision.build import build_run
 from mnist_precision.config import CONF_DIR
-from mnist_precision.errors import report_user_errors
+from mnist_precision.errors import explain_checkpoint_mismatch, report_user_errors
 from mnist_precision.runs import eval_argv
 from mnist_precision.train import as_floats
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     run = build_run(cfg)
-    run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
+    with explain_checkpoint_mismatch(cfg.ckpt_path):
+        run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
     return as_floats(run.trainer.callback_metrics)
 
 

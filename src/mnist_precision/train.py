@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -12,11 +13,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_precision.build import build_run
 from mnist_precision.config import CONF_DIR
-from mnist_precision.errors import UserError, exit_with, report_user_errors
+from mnist_precision.callbacks import PreemptionCheckpoint
+from mnist_precision.errors import TrainingInterrupted, UserError, exit_with, explain_checkpoint_mismatch, report_user_errors
 from mnist_precision.runs import LAST_CHECKPOINT, train_argv
 
 
@@ -24,12 +27,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (resuming if asked), test the best checkpoint, log hparams with the final metrics; return them."""
     run = build_run(cfg)
     ckpt_path = str(Path(cfg.resume) / LAST_CHECKPOINT) if cfg.resume else cfg.ckpt_path
-    run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
+    try:
+        with explain_checkpoint_mismatch(ckpt_path):
+            run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        raise interrupted(run.trainer) from None
     metrics = as_floats(run.trainer.callback_metrics)  # test() starts a fresh set
     run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best_checkpoint(run.trainer))
     metrics.update(as_floats(run.trainer.callback_metrics))
     log_hparams_with_metrics(run.trainer, cfg, metrics)
     return metrics
+
+
+def interrupted(trainer: L.Trainer) -> TrainingInterrupted:
+    preemption = next((cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)), None)
+    signum = (preemption.signal if preemption else None) or signal.SIGTERM
+    where = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
+    if preemption is None or preemption.saved_to is None:
+        return TrainingInterrupted(f"stopped by {signal.Signals(signum).name} at {where}; no checkpoint was saved.", signum)
+    run_dir = Path(preemption.saved_to).parent.parent
+    return TrainingInterrupted(
+        f"stopped by {signal.Signals(signum).name} at {where}; the exact state is saved in {preemption.saved_to}.\n"
+        f"Continue with: mnist-train resume={run_dir}", signum)
 
 
 def as_floats(metrics: dict) -> dict[str, float]:
