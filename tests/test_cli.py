@@ -140,6 +140,7 @@ BAD_TRAIN_INPUTS = {
     "too many devices": (["trainer=ddp_cpu", "trainer.devices=64"], "trainer.devices=64 but this machine has"),
     "resume missing dir": (["resume=/nonexistent/run"], "resume=/nonexistent/run: /nonexistent/run is not a directory"),
     "resume and ckpt_path": (["resume=latest", "ckpt_path=x.ckpt"], "not both"),
+    "resume in a sweep": (["-m", "resume=latest"], "cannot be combined with -m/--multirun"),
     "missing ckpt_path": (["ckpt_path=/nonexistent.ckpt"], "/nonexistent.ckpt does not exist"),
 }
 
@@ -214,3 +215,19 @@ def test_a_failing_sweep_job_is_reported_and_the_sweep_goes_on(run_main, tmp_pat
     sweep = only_run_dir(tmp_path / "logs", "multirun")
     assert "precision=16-true" in json.loads((sweep / "0/metrics.json").read_text())["error"]
     assert 0 <= json.loads((sweep / "1/metrics.json").read_text())["test/acc"] <= 1
+
+
+def test_data_dir_that_is_a_file_is_refused(run_main, tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    result = run_main(train_cli.main, f"data.data_dir={tmp_path / 'a_file'}")
+    assert result.code == 1 and "is not a directory (it should hold MNIST/raw/)" in result.stderr
+
+
+@pytest.mark.parametrize("entry", ["train", "eval"])
+def test_a_checkpoint_from_a_different_model_is_named_as_such(run_main, tmp_path, entry):
+    assert run_main(train_cli.main, "model=mlp", "trainer.max_epochs=1").code == 0
+    ckpt = only_run_dir(tmp_path / "logs") / "checkpoints/last.ckpt"
+    main = train_cli.main if entry == "train" else eval_cli.main
+    result = run_main(main, f"ckpt_path={ckpt}", "model=cnn", fast=entry == "train")
+    assert result.code == 1 and "was written for a different model than the one configured" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -168,3 +168,12 @@ def test_validation_split_as_large_as_the_training_set_is_refused(mnist_root):
     dm = MNISTDataModule(data_dir=str(mnist_root), download=False, val_size=N_TRAIN)
     with pytest.raises(UserError, match=f"data.val_size={N_TRAIN} must be between 1 and {N_TRAIN - 1}"):
         dm.setup()
+
+
+def test_unreadable_files_are_reported_with_the_directory(writable_mnist, monkeypatch):
+    def denied(self):  # root ignores file modes, so inject the error torchvision would raise
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(MNIST, "_load_data", denied)
+    with pytest.raises(UserError, match=r"cannot read the MNIST files in .*MNIST/raw: Permission denied"):
+        make_datamodule(writable_mnist)

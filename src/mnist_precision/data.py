@@ -199,6 +199,8 @@ def read_split(data_dir: Path, train: bool) -> tuple[Tensor, Tensor]:
         if "Dataset not found" in str(error):
             raise UserError(missing_files_message(data_dir, "they are not there")) from None
         raise UserError(f"{raw / images_file} or {raw / labels_file} is not a valid IDX file ({first_line(error)}).") from None
+    except OSError as error:
+        raise UserError(f"cannot read the MNIST files in {raw}: {error.strerror or error}.") from None
     except (AssertionError, ValueError, IndexError) as error:
         raise UserError(f"{raw / images_file} or {raw / labels_file} is not a valid IDX file ({first_line(error) or 'bad header'}).") from None
     images, labels = dataset.data, dataset.targets

@@ -1,0 +1,107 @@
+"""Faults: SIGTERM/SIGINT mid-epoch, SIGKILL, failing checkpoint writes; each loses nothing that matters."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from conftest import FAST
+from mnist_precision import train as train_cli
+from mnist_precision.checkpoint_io import AtomicCheckpointIO, CheckpointSaveError
+from mnist_precision.errors import TrainingInterrupted
+from mnist_precision.train import train
+from test_train import assert_same_training_state, load
+
+BATCHES_PER_EPOCH = 8
+
+
+def with_signal(signum: int, step: int) -> list[str]:
+    return ["+callbacks.fault._target_=fault_injection.SendSignalAtStep", f"+callbacks.fault.signum={signum}", f"+callbacks.fault.step={step}"]
+
+
+@pytest.mark.parametrize("precision", ["32", "16-master"])
+def test_sigterm_mid_epoch_saves_the_exact_state_and_resume_equals_an_uninterrupted_run(make_config, tmp_path, precision):
+    common = [f"precision={precision}", "model=convnet", "model.channels=4", "trainer.max_epochs=2"]
+    train(make_config(*common, output_dir=tmp_path / "straight"))
+
+    cfg = make_config(*common, *with_signal(signal.SIGTERM, 11), output_dir=tmp_path / "run")
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(cfg)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at step 11" in str(stopped.value) and f"mnist-train resume={tmp_path / 'run'}" in str(stopped.value)
+    saved = load(tmp_path / "run/checkpoints/last.ckpt")
+    assert saved["global_step"] == 11  # mid-epoch: batch 3 of epoch 1
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_fetched": 3}]
+
+    with open_dict(cfg):
+        del cfg.callbacks.fault
+        cfg.resume = str(tmp_path / "run")
+    train(cfg)
+    assert_same_training_state(load(tmp_path / "straight/checkpoints/last.ckpt"), load(tmp_path / "run/checkpoints/last.ckpt"))
+
+
+def test_ctrl_c_stops_at_the_batch_boundary_like_sigterm(make_config, tmp_path):
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(make_config("trainer.max_epochs=2", *with_signal(signal.SIGINT, 5)))
+    assert stopped.value.exit_code == 128 + signal.SIGINT and "stopped by SIGINT at step 5" in str(stopped.value)
+    assert load(tmp_path / "run/checkpoints/last.ckpt")["global_step"] == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's Ctrl-C works again
+
+
+def test_sigterm_from_the_command_line_exits_143_with_the_resume_command(run_main, tmp_path):
+    result = run_main(train_cli.main, "trainer.max_epochs=2", *with_signal(signal.SIGTERM, 3))
+    assert result.code == 143
+    assert "error: stopped by SIGTERM at step 3" in result.stderr and "Continue with: mnist-train resume=" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_after_sigkill_resume_continues_from_the_last_periodic_checkpoint(make_config, tmp_path, mnist_root):
+    train(make_config("trainer.max_epochs=2", output_dir=tmp_path / "straight"))
+    env = {**os.environ, "MNIST_ROOT": str(mnist_root), "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
+    common = [sys.executable, "-m", "mnist_precision.train", *FAST, f"paths.log_dir={tmp_path / 'logs'}", "trainer.max_epochs=2"]
+    killed = subprocess.run([*common, "callbacks.last_checkpoint.every_n_train_steps=3", *with_signal(signal.SIGKILL, 7)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    run_dir = next((tmp_path / "logs/train").iterdir())
+    assert load(run_dir / "checkpoints/last.ckpt")["global_step"] == 6  # the last complete checkpoint
+    assert not list((run_dir / "checkpoints").glob(".*partial"))
+    disarmed = "+callbacks.fault.step=-1"  # resume= replays the run's overrides, the fault injection included
+    resumed = subprocess.run([*common, "resume=latest", disarmed], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_training_state(load(tmp_path / "straight/checkpoints/last.ckpt"), load(run_dir / "checkpoints/last.ckpt"))
+
+
+@pytest.mark.parametrize("fault", [OSError(errno.ENOSPC, "No space left on device"), PermissionError(errno.EACCES, "Permission denied")])
+def test_a_failed_checkpoint_write_is_reported_and_the_previous_checkpoint_survives(make_config, tmp_path, monkeypatch, fault):
+    cfg = make_config("trainer.max_epochs=3")
+    train_one_epoch = make_config("trainer.max_epochs=1")
+    train(train_one_epoch)
+    before = (tmp_path / "run/checkpoints/last.ckpt").read_bytes()
+
+    def failing_save(obj, file, *args, **kwargs):
+        file.write(b"half a checkpoint")
+        raise fault
+
+    monkeypatch.setattr("mnist_precision.checkpoint_io.torch.save", failing_save)
+    with open_dict(cfg):
+        cfg.resume = str(tmp_path / "run")
+    with pytest.raises(CheckpointSaveError, match=rf"could not write the checkpoint .*: {fault.strerror}; the previous .* is intact"):
+        train(cfg)
+    assert (tmp_path / "run/checkpoints/last.ckpt").read_bytes() == before
+    assert not list((tmp_path / "run/checkpoints").glob(".*partial"))
+
+
+def test_atomic_write_replaces_the_file_whole(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, tmp_path / "c.ckpt")
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, tmp_path / "c.ckpt")
+    assert torch.equal(torch.load(tmp_path / "c.ckpt", weights_only=True)["state_dict"]["w"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt"]
