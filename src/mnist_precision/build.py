@@ -28,6 +28,7 @@ class Run:
 
 def build_run(cfg: DictConfig) -> Run:
     check_config(cfg)
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = MNISTClassifier(
         net=instantiate(cfg.model),

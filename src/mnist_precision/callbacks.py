@@ -140,6 +140,7 @@ class EpochThroughput(L.Callback):
         self._start = 0.0
         self._samples = 0
         self._running = False
+        self.history: list[tuple[int, float]] = []  # (samples, seconds) per epoch, for mnist-bench
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _synchronize(pl_module.device)
@@ -160,6 +161,7 @@ class EpochThroughput(L.Callback):
         _synchronize(pl_module.device)
         self._running = False
         elapsed = time.perf_counter() - self._start
+        self.history.append((self._samples, elapsed))
         world_size = pl_module.trainer.world_size
         pl_module.log("throughput/samples_per_sec", self._samples * world_size / elapsed, on_epoch=True, rank_zero_only=True)
 

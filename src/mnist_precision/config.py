@@ -31,6 +31,8 @@ def check_config(cfg: DictConfig) -> None:
     ]
     if cfg.trainer.get("gradient_clip_val") is not None:
         problems += _check_number(cfg, "trainer.gradient_clip_val", minimum=0)
+    if cfg.matmul_precision not in ("highest", "high", "medium"):
+        problems.append(f"matmul_precision must be highest, high or medium, got {cfg.matmul_precision!r}")
     if cfg.data.on_device not in ("auto", True, False):
         problems.append(f"data.on_device must be auto, true or false, got {cfg.data.on_device!r}")
     problems += _check_devices(cfg.trainer)

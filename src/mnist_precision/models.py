@@ -5,9 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 
-def mlp(hidden: int = 128) -> nn.Sequential:
-    """784 -> hidden ReLU -> 10: the Flux tutorial's network (hidden=128)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+def mlp(hidden: int = 128, layers: int = 1) -> nn.Sequential:
+    """784 -> `layers` x (hidden, ReLU) -> 10: the Flux tutorial's network (hidden=128, one layer)."""
+    widths = [28 * 28] + [hidden] * layers
+    body = [m for w_in, w_out in zip(widths, widths[1:]) for m in (nn.Linear(w_in, w_out), nn.ReLU())]
+    return nn.Sequential(nn.Flatten(), *body, nn.Linear(hidden, 10))
 
 
 def paper_cnn() -> nn.Sequential:

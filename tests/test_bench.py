@@ -1,0 +1,53 @@
+"""The benchmarks run on tiny sizes and write valid output (speed itself is measured by the commands, not tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_precision import bench as bench_cli
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def test_mnist_bench_writes_json_markdown_chart_and_tensorboard(run_main, tmp_path):
+    result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32,16-master]", "bench.warmup_epochs=1",
+                      "bench.epochs=1", "data.batch_size=128")
+    assert result.code == 0, result.stderr[-3000:]
+    assert "[1/4] mlp" in result.stdout and "samples/s" in result.stdout  # progress
+    run_dir = next((tmp_path / "logs/bench").iterdir())
+    report = json.loads((run_dir / "bench.json").read_text())
+    kinds = {(r["precision"], r["kind"]) for r in report["results"]}
+    assert kinds == {("32", "template"), ("16-master", "template"), ("32", "plain loop"), ("32", "per-sample pipeline")}
+    for r in report["results"]:
+        assert r["samples_per_sec"] > 0 and r["epoch_seconds"] > 0 and r["peak_memory_mb"] > 0
+    assert report["results"][1]["skipped_steps"] == 0 and 0 <= report["results"][0]["test_acc"] <= 1
+    assert report["ratios"][0]["template / plain loop (epoch time)"] > 0
+    assert "| mlp | 16-master | template |" in (run_dir / "bench.md").read_text()
+    assert (run_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_matmul_benchmark_prints_a_table_for_each_dtype():
+    done = run_script("bench_matmul.py", "--sizes", "64")
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 64 |")]
+    assert {row.split("|")[2].strip() for row in rows} >= {"fp32", "fp16", "bf16"}
+    assert all(float(row.split("|")[4]) > 0 for row in rows)
+
+
+@pytest.mark.parametrize("script", ["bench_transfer.py", "bench_relu_kernel.py"])
+def test_gpu_benchmarks_say_they_need_a_gpu_on_cpu(script):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark runs for real")
+    done = run_script(script)
+    assert done.returncode == 0 and "needs a CUDA GPU" in done.stdout
