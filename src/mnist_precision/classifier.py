@@ -41,7 +41,11 @@ class MNISTClassifier(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.lr_interval = lr_interval
-        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        # Training accuracy and loss are two tensor additions per step, summed over ranks at epoch end:
+        # torchmetrics' update() costs ~0.4 ms per call inside the loop here (measured, 2-core CPU), a
+        # fifth of an MLP step. Validation and test (1000-image batches) use torchmetrics.
+        # (Plain attributes, not buffers: half-precision plugins would cast a buffer to float16.)
+        self._loss_sum, self._correct, self._samples = torch.zeros(()), torch.zeros(()), 0
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
         self.val_acc_best = MaxMetric()
@@ -59,11 +63,24 @@ class MNISTClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, preds, labels = self._shared_step(batch)
-        self.train_acc(preds, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self._loss_sum += loss.detach() * labels.numel()
+        self._correct += (preds == labels).sum()
+        self._samples += labels.numel()
+        # Each self.log() costs about half a millisecond (as much as a whole MLP step on CPU), and Lightning
+        # writes step values only every log_every_n_steps: call it only on those steps.
+        if self.trainer._logger_connector.should_update_logs:
+            self.log("train/loss_step", loss, prog_bar=True)
+            self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum, self._correct, self._samples = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
+
+    def on_train_epoch_end(self) -> None:
+        sums = torch.stack([self._loss_sum, self._correct, torch.tensor(float(self._samples), device=self.device)])
+        loss_sum, correct, samples = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        self.log("train/loss_epoch", loss_sum / samples)
+        self.log("train/acc", correct / samples, prog_bar=True)
 
     def on_validation_epoch_start(self) -> None:
         self.val_acc.reset()

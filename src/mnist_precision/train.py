@@ -97,6 +97,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    FAILED_SWEEP_JOBS.clear()
     with report_user_errors():
         sys.argv[1:] = train_argv(sys.argv[1:])
         _hydra_main()
