@@ -11,14 +11,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from omegaconf import open_dict
 
 from conftest import FAST
 from mnist_precision.build import build_run
 from mnist_precision.errors import UserError
 from mnist_precision.master_precision import fp32_state_dict
 from mnist_precision.train import train
-from test_train import assert_same_training_state, load
+from test_train import assert_same_training_state, load, straight_and_resumed
 
 LIMITED = ["trainer.max_epochs=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 
@@ -128,16 +127,7 @@ def test_accumulation_makes_one_optimizer_step_per_n_micro_batches(make_config):
 
 @pytest.mark.parametrize("precision", ["16-master", "bf16-master"])
 def test_resume_is_exact_for_masters_half_weights_optimizer_and_scaler(make_config, tmp_path, precision):
-    common = [f"precision={precision}", "precision.growth_interval=5"]
-    train(make_config(*common, "trainer.max_epochs=4", output_dir=tmp_path / "straight"))
-    interrupted = make_config(*common, "trainer.max_epochs=2", output_dir=tmp_path / "resumed")
-    train(interrupted)
-    with open_dict(interrupted):
-        interrupted.trainer.max_epochs = 4
-        interrupted.resume = str(tmp_path / "resumed")
-    train(interrupted)
-    straight, resumed = load(tmp_path / "straight/checkpoints/last.ckpt"), load(tmp_path / "resumed/checkpoints/last.ckpt")
-    assert resumed["global_step"] == 4 * 8
+    straight, resumed = straight_and_resumed(make_config, tmp_path, f"precision={precision}", "precision.growth_interval=5")
     assert_same_training_state(straight, resumed)
     a, b = straight["MasterCopyPrecision"], resumed["MasterCopyPrecision"]
     assert a["scaler"] == b["scaler"] and a["skipped_steps"] == b["skipped_steps"]
@@ -215,3 +205,16 @@ def test_masters_equal_autocast_weights_bit_for_bit_on_an_mlp(make_config, tmp_p
     masters = load(tmp_path / "master/checkpoints/last.ckpt")["MasterCopyPrecision"]["masters"]
     assert masters.keys() == {k for k in weights if k.startswith("net.")}
     assert all(torch.equal(weights[name], masters[name]) for name in masters)
+
+
+def test_mnist_eval_tests_a_master_copy_checkpoint_with_its_run_config(run_main, tmp_path):
+    from mnist_precision import eval as eval_cli
+    from mnist_precision import train as train_cli
+
+    trained = run_main(train_cli.main, "precision=16-master", "trainer.max_epochs=1")
+    assert trained.code == 0, trained.stderr
+    accuracy = trained.stdout.split("test/acc=")[1].split()[0]
+    best = next((tmp_path / "logs/train").glob("*/checkpoints/best_*.ckpt"))
+    evaluated = run_main(eval_cli.main, f"ckpt_path={best}", fast=False)
+    assert evaluated.code == 0, evaluated.stderr
+    assert f"test/acc={accuracy}" in evaluated.stdout

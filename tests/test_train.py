@@ -57,12 +57,10 @@ def test_same_seed_gives_identical_weights(make_config, tmp_path):
     assert_same_training_state(load(tmp_path / "a/checkpoints/last.ckpt"), load(tmp_path / "b/checkpoints/last.ckpt"))
 
 
-@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
-def test_resume_is_exact(make_config, tmp_path, precision):
-    """2 epochs, then resume to 4, gives bit-identical weights and optimizer state to 4 uninterrupted epochs."""
-    common = [f"precision={precision}", "model=convnet", "model.channels=4", "scheduler=step", "scheduler.lr_scheduler.step_size=1"]
-    train(make_config(*common, "trainer.max_epochs=4", output_dir=tmp_path / "straight"))
-    interrupted = make_config(*common, "trainer.max_epochs=2", output_dir=tmp_path / "resumed")
+def straight_and_resumed(make_config, tmp_path: Path, *overrides: str) -> tuple[dict, dict]:
+    """The last checkpoints of 4 uninterrupted epochs and of 2 epochs resumed (resume=) to 4."""
+    train(make_config(*overrides, "trainer.max_epochs=4", output_dir=tmp_path / "straight"))
+    interrupted = make_config(*overrides, "trainer.max_epochs=2", output_dir=tmp_path / "resumed")
     train(interrupted)
     with open_dict(interrupted):
         interrupted.trainer.max_epochs = 4
@@ -70,6 +68,14 @@ def test_resume_is_exact(make_config, tmp_path, precision):
     train(interrupted)
     straight, resumed = load(tmp_path / "straight/checkpoints/last.ckpt"), load(tmp_path / "resumed/checkpoints/last.ckpt")
     assert resumed["global_step"] == 4 * 8  # 4 epochs of 8 batches: the resumed run really trained on
+    return straight, resumed
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_resume_is_exact(make_config, tmp_path, precision):
+    """2 epochs, then resume to 4, gives bit-identical weights and optimizer state to 4 uninterrupted epochs."""
+    common = [f"precision={precision}", "model=convnet", "model.channels=4", "scheduler=step", "scheduler.lr_scheduler.step_size=1"]
+    straight, resumed = straight_and_resumed(make_config, tmp_path, *common)
     assert_same_training_state(straight, resumed)
     assert straight["lr_schedulers"] == resumed["lr_schedulers"]
 
