@@ -114,7 +114,7 @@ def test_help_lists_every_config_group_and_its_options(run_main):
         "scheduler": ["none", "step", "exponential", "cosine", "onecycle"],
         "precision": ["32", "16-mixed", "bf16-mixed", "16-true", "bf16-true"],
         "trainer": ["cpu", "gpu", "ddp", "ddp_cpu"], "callbacks": ["default"], "logger": ["tensorboard", "none"],
-        "experiment": ["flux_mlp", "paper_cnn"], "debug": ["fdr", "overfit", "limit"],
+        "experiment": ["flux_mlp", "paper_cnn", "convnet"], "debug": ["fdr", "overfit", "limit"],
     }.items():
         line = next(line for line in result.stdout.splitlines() if line.startswith(f"{group}:"))
         assert all(option in line for option in options), line

@@ -31,6 +31,10 @@ def test_paper_cnn_reaches_97_8_percent_in_3_epochs(tmp_path_factory):
     assert train_real(tmp_path_factory, "experiment=paper_cnn")["test/acc"] >= 0.978
 
 
+def test_convnet_reaches_99_2_percent_in_4_epochs(tmp_path_factory):
+    assert train_real(tmp_path_factory, "experiment=convnet")["test/acc"] >= 0.992
+
+
 def test_16_master_matches_fp32_within_0_3_points(tmp_path_factory, mlp_fp32):
     master = train_real(tmp_path_factory, "model=mlp", "trainer.max_epochs=5", "precision=16-master")
     assert abs(master["test/acc"] - mlp_fp32["test/acc"]) <= 0.003
