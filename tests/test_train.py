@@ -92,3 +92,16 @@ def test_optimizer_and_scheduler_groups_build_and_step(make_config, optimizer, s
                       "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
     metrics = train(cfg)
     assert metrics["lr"] > 0
+
+
+def test_prediction_grid_frames_wrong_predictions_in_red():
+    from mnist_precision.callbacks import prediction_grid, prediction_table
+
+    images = torch.full((4, 1, 28, 28), 0.5)
+    preds, labels = torch.tensor([1, 2, 3, 4]), torch.tensor([1, 0, 3, 0])
+    grid = prediction_grid(images, preds, labels)  # 8 per row: one row of four 28x28 tiles, padding 2
+    tile = lambda k: grid[:, 2 : 2 + 28, 2 + 30 * k : 2 + 30 * k + 28]  # noqa: E731
+    red = torch.tensor([1.0, 0.0, 0.0])
+    assert torch.equal(tile(1)[:, 0, 0], red) and torch.equal(tile(3)[:, 0, 0], red)  # wrong: framed
+    assert not torch.equal(tile(0)[:, 0, 0], red) and not torch.equal(tile(2)[:, 0, 0], red)
+    assert "**2 (0)**" in prediction_table(preds, labels)

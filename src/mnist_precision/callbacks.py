@@ -172,25 +172,35 @@ def _synchronize(device: torch.device) -> None:
 
 
 class TestFigures(L.Callback):
-    """At test time, logs to TensorBoard a grid of test predictions (wrong ones framed in red) and the confusion matrix."""
+    """At test time, logs to TensorBoard a grid of test predictions and the confusion matrix.
+
+    The grid holds the first test images and, in its second half, the first mistakes found
+    anywhere in the test set, framed in red (at 99 % accuracy the first images are all right).
+    """
 
     def __init__(self, num_images: int = 64) -> None:
         self.num_images = num_images
         self.confusion = MulticlassConfusionMatrix(NUM_CLASSES)
-        self.examples: list[Tensor] = []
+        self.first: list[Tensor] = []
+        self.mistakes: list[list[Tensor]] = []
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.confusion = self.confusion.to(pl_module.device)
         self.confusion.reset()
-        self.examples = []
+        self.first, self.mistakes = [], []
 
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self.confusion.update(outputs["preds"], outputs["labels"])
-        if not self.examples:
-            n = self.num_images
-            self.examples = [batch[0][:n].float().cpu(), outputs["preds"][:n].cpu(), outputs["labels"][:n].cpu()]
+        preds, labels, images = outputs["preds"], outputs["labels"], batch[0]
+        self.confusion.update(preds, labels)
+        half = self.num_images // 2
+        if not self.first:
+            self.first = [images[:half].float().cpu(), preds[:half].cpu(), labels[:half].cpu()]
+        found = sum(len(m[1]) for m in self.mistakes)
+        if found < half:
+            wrong = (preds != labels).nonzero().squeeze(1)[: half - found]
+            self.mistakes.append([images[wrong].float().cpu(), preds[wrong].cpu(), labels[wrong].cpu()])
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         matrix = self.confusion.compute()  # syncs across ranks
@@ -199,9 +209,10 @@ class TestFigures(L.Callback):
     @rank_zero_only
     def _log(self, trainer: L.Trainer, matrix: Tensor) -> None:
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if tensorboard is None or not self.examples:
+        if tensorboard is None or not self.first:
             return
-        step, (images, preds, labels) = trainer.global_step, self.examples
+        images, preds, labels = (torch.cat(parts) for parts in zip(self.first, *self.mistakes))
+        step = trainer.global_step
         tensorboard.experiment.add_image("test/predictions", prediction_grid(images, preds, labels), step)
         tensorboard.experiment.add_text("test/predictions", prediction_table(preds, labels), step)
         figure, _ = self.confusion.plot(val=matrix.cpu())
