@@ -146,8 +146,18 @@ def _sync(device: torch.device) -> None:
 
 
 def in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    with multiprocessing.get_context("spawn").Pool(1, initializer=_quiet) as pool:
         return pool.apply(fn, args)
+
+
+def _quiet() -> None:
+    """Keep the children's Lightning banners out of the progress lines."""
+    import logging
+    import warnings
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
 
 
 def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
