@@ -19,15 +19,16 @@ def test_mnist_bench_writes_json_markdown_chart_and_tensorboard(run_main, tmp_pa
     result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32,16-master]", "bench.warmup_epochs=1",
                       "bench.epochs=1", "data.batch_size=128")
     assert result.code == 0, result.stderr[-3000:]
-    assert "[1/4] mlp" in result.stdout and "samples/s" in result.stdout  # progress
+    assert "[1/5] mlp" in result.stdout and "samples/s" in result.stdout  # progress
     run_dir = next((tmp_path / "logs/bench").iterdir())
     report = json.loads((run_dir / "bench.json").read_text())
     kinds = {(r["precision"], r["kind"]) for r in report["results"]}
-    assert kinds == {("32", "template"), ("16-master", "template"), ("32", "plain loop"), ("32", "per-sample pipeline")}
+    assert kinds == {("32", "template"), ("16-master", "template"), ("32", "bare lightning"), ("32", "plain loop"),
+                     ("32", "per-sample pipeline")}
     for r in report["results"]:
         assert r["samples_per_sec"] > 0 and r["epoch_seconds"] > 0 and r["peak_memory_mb"] > 0
     assert report["results"][1]["skipped_steps"] == 0 and 0 <= report["results"][0]["test_acc"] <= 1
-    assert report["ratios"][0]["template / plain loop (epoch time)"] > 0
+    assert report["ratios"][0]["template / plain loop (epoch time)"] > 0 and report["ratios"][0]["bare lightning / plain loop"] > 0
     assert "| mlp | 16-master | template |" in (run_dir / "bench.md").read_text()
     assert (run_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))

@@ -3,8 +3,9 @@
 For every model x precision it trains with `mnist-train`'s own code and config (checkpoints,
 TensorBoard and all) and records steady-state samples/s (median over the epochs after the warm-up),
 the training-epoch time, peak memory, test accuracy, final loss and skipped steps. For each model it
-also times, on the same resident tensors, model and batch size, a minimal hand-written PyTorch loop
-and the usual per-sample torchvision pipeline (`ToTensor` + `Normalize` through a DataLoader).
+also times, on the same resident tensors, model and batch size, a minimal hand-written PyTorch loop,
+the same in a bare LightningModule (Lightning's own floor: no callbacks, logger or metrics), and the
+usual per-sample torchvision pipeline (`ToTensor` + `Normalize` through a DataLoader).
 Each measurement runs in a fresh process, so peak memory is its own.
 
 Writes bench.json, bench.md, bench.png and TensorBoard scalars into the run directory.
@@ -109,6 +110,35 @@ def measure_plain_loop(overrides: list[str], output_dir: str, warmup: int) -> di
     return {**steady_state(history, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
 
 
+def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int) -> dict[str, Any]:
+    """Lightning's own floor: the same model and data in a LightningModule with no callbacks, logger or metrics."""
+    import lightning as L
+
+    cfg = compose_training_config(overrides, Path(output_dir))
+    torch.manual_seed(cfg.seed)
+    images, targets, device = resident_training_data(cfg)
+
+    class Bare(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = instantiate(cfg.model)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return instantiate(cfg.optimizer)(params=self.parameters())
+
+    from mnist_precision.data import EpochPermutation, TensorBatchLoader
+
+    timer = EpochThroughput()
+    trainer = L.Trainer(accelerator=device.type, devices=1, max_epochs=cfg.trainer.max_epochs, logger=False, callbacks=[timer],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    loader = TensorBatchLoader(images, targets, cfg.data.batch_size, EpochPermutation(len(images), True, cfg.seed))
+    trainer.fit(Bare(), train_dataloaders=loader)
+    return {**steady_state(timer.history, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": None}
+
+
 def measure_per_sample_pipeline(overrides: list[str], output_dir: str, warmup: int) -> dict[str, Any]:
     """What a typical template does: torchvision transforms per sample, collated by a DataLoader (2 epochs)."""
     from torch.utils.data import DataLoader, Subset
@@ -172,8 +202,9 @@ def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
         model_overrides = [f"model={model}", *settings.model_overrides.get(model, [])]
         jobs += [("template", model, str(p), model_overrides + [f"precision={p}"]) for p in settings.precisions]
         if settings.baselines:
-            jobs += [("plain loop", model, "32", model_overrides), ("per-sample pipeline", model, "32", model_overrides)]
-    measure = {"template": measure_template, "plain loop": measure_plain_loop, "per-sample pipeline": measure_per_sample_pipeline}
+            jobs += [(kind, model, "32", model_overrides) for kind in ("bare lightning", "plain loop", "per-sample pipeline")]
+    measure = {"template": measure_template, "bare lightning": measure_bare_lightning, "plain loop": measure_plain_loop,
+               "per-sample pipeline": measure_per_sample_pipeline}
     results = []
     for number, (kind, model, precision, overrides) in enumerate(jobs, 1):
         print(f"[{number}/{len(jobs)}] {model:9s} {precision:12s} {kind} ...", end=" ", flush=True)
@@ -189,7 +220,10 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for model in dict.fromkeys(r["model"] for r in results):
         by_kind = {r["kind"]: r for r in results if r["model"] == model and r["precision"] == "32"}
         if {"template", "plain loop"} <= by_kind.keys():
-            row = {"model": model, "template / plain loop (epoch time)": by_kind["template"]["epoch_seconds"] / by_kind["plain loop"]["epoch_seconds"]}
+            plain = by_kind["plain loop"]["epoch_seconds"]
+            row = {"model": model, "template / plain loop (epoch time)": by_kind["template"]["epoch_seconds"] / plain}
+            if "bare lightning" in by_kind:
+                row["bare lightning / plain loop"] = by_kind["bare lightning"]["epoch_seconds"] / plain
             if "per-sample pipeline" in by_kind:
                 row["template speed-up over per-sample pipeline"] = by_kind["per-sample pipeline"]["epoch_seconds"] / by_kind["template"]["epoch_seconds"]
             rows.append(row)
