@@ -105,3 +105,13 @@ def test_prediction_grid_frames_wrong_predictions_in_red():
     assert torch.equal(tile(1)[:, 0, 0], red) and torch.equal(tile(3)[:, 0, 0], red)  # wrong: framed
     assert not torch.equal(tile(0)[:, 0, 0], red) and not torch.equal(tile(2)[:, 0, 0], red)
     assert "**2 (0)**" in prediction_table(preds, labels)
+
+
+def test_debug_overfit_trains_on_the_same_batches_until_the_loss_is_near_zero(make_config):
+    from mnist_precision.build import build_run
+
+    run = build_run(make_config("debug=overfit", "trainer.max_epochs=30", "trainer.enable_model_summary=false"))
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    loader = run.datamodule.train_dataloader()
+    assert loader.sampler.shuffle is False
+    assert float(run.trainer.callback_metrics["train/loss_epoch"]) < 0.01

@@ -159,7 +159,9 @@ class MNISTDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> TensorBatchLoader:
-        return self._loader("train", self.hparams.batch_size, shuffle=True)
+        # Lightning's overfit_batches turns shuffling off only in DataLoaders: the same batches every epoch.
+        overfitting = bool(self.trainer and self.trainer.overfit_batches)
+        return self._loader("train", self.hparams.batch_size, shuffle=not overfitting)
 
     def val_dataloader(self) -> TensorBatchLoader:
         return self._loader("val", self.hparams.eval_batch_size, shuffle=False)
