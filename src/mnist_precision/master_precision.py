@@ -61,19 +61,16 @@ class MasterCopyPrecision(HalfPrecision):
         self.dynamic = loss_scale == "dynamic"
         if not self.dynamic and (isinstance(loss_scale, str) or not float(loss_scale) > 0):
             raise ValueError(f"precision.loss_scale must be 'dynamic' or a number > 0, got {loss_scale!r}")
-        if self.dynamic and not growth_factor > 1:
+        if not growth_factor > 1:
             raise ValueError(f"precision.growth_factor must be > 1, got {growth_factor}")
-        if self.dynamic and not 0 < backoff_factor < 1:
+        if not 0 < backoff_factor < 1:
             raise ValueError(f"precision.backoff_factor must be between 0 and 1, got {backoff_factor}")
-        if self.dynamic and not (isinstance(growth_interval, int) and growth_interval >= 1):
+        if not (isinstance(growth_interval, int) and growth_interval >= 1):
             raise ValueError(f"precision.growth_interval must be an integer >= 1, got {growth_interval!r}")
-        self.static_scale = None if self.dynamic else float(loss_scale)
+        self.static_scale = None if self.dynamic else float(loss_scale)  # update(static_scale) pins it every step
         self.scaler = torch.amp.GradScaler(
-            device,
-            init_scale=init_scale if self.dynamic else self.static_scale,
-            growth_factor=growth_factor if self.dynamic else 2.0,
-            backoff_factor=backoff_factor if self.dynamic else 0.5,
-            growth_interval=growth_interval if self.dynamic else 1,
+            device, init_scale=self.static_scale or init_scale, growth_factor=growth_factor,
+            backoff_factor=backoff_factor, growth_interval=growth_interval,
         )
         self.masters: dict[str, Tensor] = {}  # parameter name -> FP32 master
         self._half_to_master: dict[nn.Parameter, Tensor] = {}
