@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import files_under
+
 from mnist_precision import eval as eval_cli
 from mnist_precision import train as train_cli
 from mnist_precision.runs import merge_overrides, quote_precision_names

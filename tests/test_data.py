@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import IMAGE_FILES, LABEL_FILES, N_TEST, N_TRAIN, synthetic_digits
 from torchvision.datasets import MNIST
 from torchvision.transforms import Compose, Normalize, ToTensor
 
-from conftest import IMAGE_FILES, LABEL_FILES, N_TEST, N_TRAIN, synthetic_digits
 from mnist_precision.data import MNIST_MEAN, MNIST_STD, EpochPermutation, MNISTDataModule, TensorBatchLoader
 from mnist_precision.errors import UserError
 
@@ -63,7 +63,7 @@ def test_batches_equal_a_naive_per_sample_pipeline(mnist_root):
     reference = Compose([ToTensor(), Normalize((MNIST_MEAN,), (MNIST_STD,))])  # the usual per-sample pipeline
     naive_images = torch.stack([reference(dataset[i][0]) for i in range(N_TEST)])
     naive_targets = torch.stack([torch.nn.functional.one_hot(torch.tensor(dataset[i][1]), 10).float() for i in range(N_TEST)])
-    got_images, got_targets = map(torch.cat, zip(*loader))
+    got_images, got_targets = map(torch.cat, zip(*loader, strict=True))
     torch.testing.assert_close(got_images, naive_images, rtol=0, atol=1e-6)  # (x/255 - m)/s vs ToTensor's order
     assert torch.equal(got_targets, naive_targets)
 
@@ -110,7 +110,7 @@ def test_loader_resumes_mid_epoch_with_the_next_unseen_batch():
     resumed.load_state_dict(state)
     resumed.sampler.set_epoch(1)  # what Lightning does when it restarts the epoch
     rest = [x for x, _ in resumed]
-    assert all(torch.equal(a, b) for a, b in zip(seen + rest, full)) and len(seen + rest) == len(full)
+    assert all(torch.equal(a, b) for a, b in zip(seen + rest, full, strict=True))
     resumed.sampler.set_epoch(2)  # the state applies to its own epoch only
     assert len(list(resumed)) == len(full)
 

@@ -6,18 +6,17 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-
 from conftest import FAST
+from test_train import assert_same_training_state, load, straight_and_resumed
+
 from mnist_precision.build import build_run
 from mnist_precision.errors import UserError
 from mnist_precision.master_precision import fp32_state_dict
 from mnist_precision.train import train
-from test_train import assert_same_training_state, load, straight_and_resumed
 
 LIMITED = ["trainer.max_epochs=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 
@@ -112,7 +111,7 @@ def test_clipping_measures_the_unscaled_fp32_master_gradients(make_config, monke
     probe = Probe()
     fit(make_config, "precision=16-master", "trainer.gradient_clip_val=0.01", *LIMITED, probe=probe)
     assert len(seen) == 8
-    for (dtypes, norm_before, norm_after), unscaled in zip(seen, probe.unscaled_grad_norms):
+    for (dtypes, norm_before, norm_after), unscaled in zip(seen, probe.unscaled_grad_norms, strict=True):
         assert set(dtypes) == {torch.float32}
         assert norm_before == pytest.approx(unscaled, rel=1e-5) and norm_before < 1e3  # unscaled: scale is 65536
         assert norm_after == pytest.approx(0.01, rel=1e-3)

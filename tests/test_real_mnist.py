@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import compose_config, real_mnist_root
+
 from mnist_precision.errors import TrainingDiverged
 from mnist_precision.train import train
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
-
 from conftest import FAST
+from omegaconf import open_dict
+from test_train import assert_same_training_state, load
+
 from mnist_precision import train as train_cli
 from mnist_precision.checkpoint_io import AtomicCheckpointIO, CheckpointSaveError
 from mnist_precision.errors import TrainingInterrupted
 from mnist_precision.train import train
-from test_train import assert_same_training_state, load
 
 BATCHES_PER_EPOCH = 8
 

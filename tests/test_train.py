@@ -21,7 +21,7 @@ def load(path: Path) -> dict:
 def assert_same_training_state(a: dict, b: dict) -> None:
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
-    for (ka, va), (kb, vb) in zip(a["optimizer_states"][0]["state"].items(), b["optimizer_states"][0]["state"].items()):
+    for (ka, va), (kb, vb) in zip(a["optimizer_states"][0]["state"].items(), b["optimizer_states"][0]["state"].items(), strict=True):
         assert ka == kb
         for name in va:
             assert torch.equal(torch.as_tensor(va[name]), torch.as_tensor(vb[name])), (ka, name)

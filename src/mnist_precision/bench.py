@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from mnist_precision.build import build_run
 from mnist_precision.callbacks import EpochThroughput
@@ -263,7 +263,7 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
         xs = [m + i * width for m in range(len(models))]
         axes[0].bar(xs, [rows[m]["samples_per_sec"] if m in rows else 0 for m in models], width, label=precision)
         axes[1].bar(xs, [rows[m]["peak_memory_mb"] if m in rows else 0 for m in models], width, label=precision)
-    for axis, title in zip(axes, ["training samples/s", "peak memory (MiB)"]):
+    for axis, title in zip(axes, ["training samples/s", "peak memory (MiB)"], strict=True):
         axis.set_xticks([m + width * (len(precisions) - 1) / 2 for m in range(len(models))], models)
         axis.set_title(title)
     axes[0].legend(title="precision")

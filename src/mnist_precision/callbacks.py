@@ -211,7 +211,7 @@ class TestFigures(L.Callback):
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tensorboard is None or not self.first:
             return
-        images, preds, labels = (torch.cat(parts) for parts in zip(self.first, *self.mistakes))
+        images, preds, labels = (torch.cat(parts) for parts in zip(self.first, *self.mistakes, strict=True))
         step = trainer.global_step
         tensorboard.experiment.add_image("test/predictions", prediction_grid(images, preds, labels), step)
         tensorboard.experiment.add_text("test/predictions", prediction_table(preds, labels), step)
@@ -233,7 +233,7 @@ def prediction_grid(images: Tensor, preds: Tensor, labels: Tensor) -> Tensor:
 
 def prediction_table(preds: Tensor, labels: Tensor, columns: int = 8) -> str:
     """The grid's predictions as a Markdown table in the same layout; wrong ones read `pred (true)`."""
-    cells = [f"**{p} ({t})**" if p != t else str(p) for p, t in zip(preds.tolist(), labels.tolist())]
+    cells = [f"**{p} ({t})**" if p != t else str(p) for p, t in zip(preds.tolist(), labels.tolist(), strict=True)]
     rows = [cells[i : i + columns] for i in range(0, len(cells), columns)]
     header = "| " + " | ".join(str(c) for c in range(columns)) + " |\n|" + "---|" * columns
     return header + "\n" + "\n".join("| " + " | ".join(row) + " |" for row in rows)

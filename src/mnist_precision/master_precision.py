@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal
 
+import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.precision import HalfPrecision
@@ -24,8 +25,6 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 from torch.optim import LBFGS, Optimizer
 from torchmetrics import Metric
-
-import lightning.pytorch as pl
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 MasterPrecision = Literal["16-master", "bf16-master"]

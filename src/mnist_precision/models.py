@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from torch import nn
 
 
 def mlp(hidden: int = 128, layers: int = 1) -> nn.Sequential:
     """784 -> `layers` x (hidden, ReLU) -> 10: the Flux tutorial's network (hidden=128, one layer)."""
     widths = [28 * 28] + [hidden] * layers
-    body = [m for w_in, w_out in zip(widths, widths[1:]) for m in (nn.Linear(w_in, w_out), nn.ReLU())]
+    body = [m for w_in, w_out in pairwise(widths) for m in (nn.Linear(w_in, w_out), nn.ReLU())]
     return nn.Sequential(nn.Flatten(), *body, nn.Linear(hidden, 10))
 
 

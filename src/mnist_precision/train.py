@@ -17,8 +17,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_precision.build import build_run
-from mnist_precision.config import CONF_DIR
 from mnist_precision.callbacks import PreemptionCheckpoint
+from mnist_precision.config import CONF_DIR
 from mnist_precision.errors import TrainingInterrupted, UserError, exit_with, explain_checkpoint_mismatch, report_user_errors
 from mnist_precision.runs import LAST_CHECKPOINT, train_argv
 
