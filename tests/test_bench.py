@@ -34,6 +34,12 @@ def test_mnist_bench_writes_json_markdown_chart_and_tensorboard(run_main, tmp_pa
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_baselines_run_on_the_device_mnist_train_uses(make_config, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, with trainer=cpu asked for
+    assert bench_cli.bench_device(make_config("trainer=cpu")).type == "cpu"
+    assert bench_cli.bench_device(make_config("trainer.accelerator=auto")).type == "cuda"
+
+
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=120)
 

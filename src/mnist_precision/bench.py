@@ -29,8 +29,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from mnist_precision.build import build_run
-from mnist_precision.callbacks import EpochThroughput
+from mnist_precision.build import build_run, runs_on_cpu
+from mnist_precision.callbacks import EpochThroughput, synchronize
 from mnist_precision.config import CONF_DIR
 from mnist_precision.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
 from mnist_precision.errors import report_user_errors
@@ -77,8 +77,13 @@ def measure_template(overrides: list[str], output_dir: str, warmup: int) -> dict
     }
 
 
+def bench_device(cfg: DictConfig) -> torch.device:
+    """The device mnist-train uses for this config, so the baselines run where the template runs."""
+    return torch.device("cpu" if runs_on_cpu(cfg.trainer.accelerator) else "cuda")
+
+
 def resident_training_data(cfg: DictConfig) -> tuple[torch.Tensor, torch.Tensor, torch.device]:
-    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") or torch.cuda.is_available() else "cpu")
+    device = bench_device(cfg)
     datamodule: MNISTDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
@@ -97,7 +102,7 @@ def measure_plain_loop(overrides: list[str], output_dir: str, warmup: int) -> di
     history = []
     for epoch in range(cfg.trainer.max_epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).to(device)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
@@ -105,7 +110,7 @@ def measure_plain_loop(overrides: list[str], output_dir: str, warmup: int) -> di
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        _sync(device)
+        synchronize(device)
         history.append((n, time.perf_counter() - start))
     return {**steady_state(history, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
 
@@ -149,7 +154,7 @@ def measure_per_sample_pipeline(overrides: list[str], output_dir: str, warmup: i
     torch.manual_seed(cfg.seed)
     datamodule: MNISTDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device(cfg)
     dataset = MNIST(datamodule.data_dir, train=True, transform=Compose([ToTensor(), Normalize((MNIST_MEAN,), (MNIST_STD,))]))
     split = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.data.split_seed))
     loader = DataLoader(Subset(dataset, split[cfg.data.val_size :].tolist()), batch_size=cfg.data.batch_size, shuffle=True)
@@ -157,7 +162,7 @@ def measure_per_sample_pipeline(overrides: list[str], output_dir: str, warmup: i
     optimizer = instantiate(cfg.optimizer)(params=net.parameters())
     history = []
     for _ in range(min(cfg.trainer.max_epochs, warmup + 1)):  # slow by design: one timed epoch is enough
-        _sync(device)
+        synchronize(device)
         start, samples = time.perf_counter(), 0
         for x, y in loader:
             loss = F.cross_entropy(net(x.to(device)), y.to(device))
@@ -165,14 +170,9 @@ def measure_per_sample_pipeline(overrides: list[str], output_dir: str, warmup: i
             loss.backward()
             optimizer.step()
             samples += len(x)
-        _sync(device)
+        synchronize(device)
         history.append((samples, time.perf_counter() - start))
     return {**steady_state(history, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:

@@ -143,7 +143,7 @@ class EpochThroughput(L.Callback):
         self.history: list[tuple[int, float]] = []  # (samples, seconds) per epoch, for mnist-bench
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _synchronize(pl_module.device)
+        synchronize(pl_module.device)
         self._start, self._samples, self._running = time.perf_counter(), 0, True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -158,7 +158,7 @@ class EpochThroughput(L.Callback):
     def _stop(self, pl_module: L.LightningModule) -> None:
         if not self._running or self._samples == 0:
             return
-        _synchronize(pl_module.device)
+        synchronize(pl_module.device)
         self._running = False
         elapsed = time.perf_counter() - self._start
         self.history.append((self._samples, elapsed))
@@ -166,7 +166,8 @@ class EpochThroughput(L.Callback):
         pl_module.log("throughput/samples_per_sec", self._samples * world_size / elapsed, on_epoch=True, rank_zero_only=True)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a wall-clock reading means what it says (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
