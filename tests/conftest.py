@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from mnist_precision.config import CONF_DIR, PROJECT_ROOT
-from mnist_precision.runs import quote_precision_names
+from mnist_precision.build import compose_training_config
 
 N_TRAIN, N_TEST = 640, 200
 IMAGE_FILES = {True: "train-images-idx3-ubyte", False: "t10k-images-idx3-ubyte"}
@@ -86,10 +84,8 @@ FAST = [
 def compose_config(overrides: list[str], output_dir: Path, mnist_root: Path, fast: bool = True) -> DictConfig:
     """The training config as `mnist-train` composes it, writing into `output_dir` (FAST: small and quiet)."""
     quiet = FAST if fast else ["trainer=cpu", "trainer.enable_progress_bar=false"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=quote_precision_names([f"data.data_dir={mnist_root}", *quiet, *overrides]))
+    cfg = compose_training_config([f"data.data_dir={mnist_root}", *quiet, *overrides], output_dir)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir)
     return cfg
 
@@ -154,5 +150,3 @@ def real_mnist_root() -> Path | None:
 def files_under(path: Path) -> dict[str, float]:
     return {str(p.relative_to(path)): p.stat().st_mtime for p in path.rglob("*") if p.is_file()}
 
-
-__all__ = ["PROJECT_ROOT", "compose_config", "files_under", "real_mnist_root"]

@@ -24,25 +24,15 @@ from typing import Any, Callable
 import hydra
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from mnist_precision.build import build_run, runs_on_cpu
+from mnist_precision.build import build_run, compose_training_config, runs_on_cpu
 from mnist_precision.callbacks import EpochThroughput, synchronize
 from mnist_precision.config import CONF_DIR
 from mnist_precision.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
 from mnist_precision.errors import report_user_errors
-from mnist_precision.runs import quote_precision_names
-
-
-def compose_training_config(overrides: list[str], output_dir: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=quote_precision_names(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
 
 
 def peak_memory_mb(device: torch.device) -> float:

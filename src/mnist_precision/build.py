@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.plugins import MixedPrecision
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from mnist_precision.checkpoint_io import AtomicCheckpointIO
 from mnist_precision.classifier import MNISTClassifier
-from mnist_precision.config import check_config
+from mnist_precision.config import CONF_DIR, check_config
 from mnist_precision.data import MNISTDataModule
 from mnist_precision.errors import UserError
 from mnist_precision.master_precision import MasterCopyPrecision
+from mnist_precision.runs import quote_precision_names
 
 
 @dataclass
@@ -24,6 +27,15 @@ class Run:
     datamodule: MNISTDataModule
     model: MNISTClassifier
     trainer: L.Trainer
+
+
+def compose_training_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The config `mnist-train <overrides>` composes, outside a Hydra run (tests, mnist-bench's workers)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=quote_precision_names(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)  # `${hydra:runtime.output_dir}` has no value outside a run
+    return cfg
 
 
 def build_run(cfg: DictConfig) -> Run:
