@@ -23,9 +23,13 @@ class TrainingInterrupted(UserError):
         self.exit_code = 128 + int(signum)
 
 
+def print_error(error: UserError) -> None:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+
+
 def exit_with(error: UserError) -> NoReturn:
     """`error: <message>` on stderr; exit status 1 (or the error's own `exit_code`)."""
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    print_error(error)
     raise SystemExit(getattr(error, "exit_code", 1)) from None
 
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from mnist_precision.build import build_run
 from mnist_precision.callbacks import PreemptionCheckpoint
 from mnist_precision.config import CONF_DIR
-from mnist_precision.errors import TrainingInterrupted, UserError, exit_with, explain_checkpoint_mismatch, report_user_errors
+from mnist_precision.errors import TrainingInterrupted, UserError, exit_with, explain_checkpoint_mismatch, print_error, report_user_errors
 from mnist_precision.runs import LAST_CHECKPOINT, train_argv
 
 
@@ -88,7 +88,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
         if hydra_cfg.mode != RunMode.MULTIRUN:
             exit_with(error)
-        print(f"error: {error}", file=sys.stderr, flush=True)  # a sweep goes on; main() exits non-zero at the end
+        print_error(error)  # a sweep goes on; main() exits non-zero at the end
         FAILED_SWEEP_JOBS.append(str(run_dir))
         return None
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
