@@ -136,6 +136,8 @@ BAD_TRAIN_INPUTS = {
     "negative lr": (["optimizer.lr=-0.1"], "optimizer.lr must be > 0, got -0.1"),
     "val split too large": (["data.val_size=640"], "data.val_size=640 must be between 1 and 639"),
     "unknown device": (["trainer.accelerator=tpu9"], "trainer.accelerator='tpu9' is not one of"),
+    "unknown matmul precision": (["matmul_precision=fast"], "matmul_precision must be highest, high or medium, got 'fast'"),
+    "bad on_device": (["data.on_device=maybe"], "data.on_device must be auto, true or false, got 'maybe'"),
     "gpu without gpu": (["trainer=gpu"], "torch sees no CUDA GPU here"),
     "too many devices": (["trainer=ddp_cpu", "trainer.devices=64"], "trainer.devices=64 but this machine has"),
     "resume missing dir": (["resume=/nonexistent/run"], "resume=/nonexistent/run: /nonexistent/run is not a directory"),

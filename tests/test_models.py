@@ -26,3 +26,8 @@ def test_paper_cnn_matches_the_julia_ad_paper():
     assert any(isinstance(m, nn.MaxPool2d) and m.kernel_size == 2 for m in net)
     assert (dense[0].in_features, dense[0].out_features, dense[0].bias) == (6 * 13 * 13, 84, None)
     assert (dense[1].in_features, dense[1].out_features) == (84, 10)
+
+
+def test_wide_mlp_stacks_the_hidden_layers():
+    net = mlp(hidden=32, layers=3)
+    assert [(m.in_features, m.out_features) for m in net if isinstance(m, nn.Linear)] == [(784, 32), (32, 32), (32, 32), (32, 10)]
