@@ -1,4 +1,4 @@
-"""Builds the data module, the LightningModule and the Trainer from a composed config."""
+"""Composes the training config (outside a Hydra run) and builds the data module, LightningModule and Trainer from it."""
 
 from __future__ import annotations
 
