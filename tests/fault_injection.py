@@ -12,3 +12,14 @@ class SendSignalAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class PoisonInputAtSteps(L.Callback):
+    """Puts one inf pixel into the batch of each given optimizer step (before the forward pass)."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            batch[0].view(-1)[0] = float("inf")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_precision.errors import UserError
@@ -51,6 +50,8 @@ def _check_number(cfg: DictConfig, key: str, integer: bool = False, minimum: flo
 
 
 def _check_devices(trainer: DictConfig) -> list[str]:
+    import torch  # here, not at the top: `mnist-train --help` must not wait for torch
+
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator not in ACCELERATORS:
         return [f"trainer.accelerator={accelerator!r} is not one of {', '.join(ACCELERATORS)}"]

@@ -8,7 +8,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mnist_precision.build import build_run
 from mnist_precision.config import CONF_DIR
 from mnist_precision.errors import explain_checkpoint_mismatch, report_user_errors
 from mnist_precision.runs import eval_argv
@@ -16,9 +15,11 @@ from mnist_precision.train import as_floats
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    from mnist_precision.build import build_run  # torch and Lightning load once the command line is parsed
+
     run = build_run(cfg)
     with explain_checkpoint_mismatch(cfg.ckpt_path):
-        run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
+        run.test(cfg.ckpt_path)
     return as_floats(run.trainer.callback_metrics)
 
 

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch.optim import LBFGS, Optimizer
 from torchmetrics import Metric
 
+from mnist_precision.private_api import found_inf
+
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 MasterPrecision = Literal["16-master", "bf16-master"]
 
@@ -73,8 +75,8 @@ class MasterCopyPrecision(HalfPrecision):
         )
         self.masters: dict[str, Tensor] = {}  # parameter name -> FP32 master
         self._half_to_master: dict[nn.Parameter, Tensor] = {}
-        self.skipped_steps = 0
-        self.skipped_last_step = False
+        self._skipped_steps = torch.zeros(())  # a float count, like found_inf; moved to the gradients' device in connect()
+        self._found_inf = torch.zeros(())
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Half weights, FP32 norm layers; the FP32 weights before the cast become the masters."""
@@ -96,6 +98,7 @@ class MasterCopyPrecision(HalfPrecision):
             if distributed:
                 dist.broadcast(master, src=0)  # every rank starts from rank 0's masters
         self._masters_to_model()
+        self._skipped_steps = self._skipped_steps.to(next(iter(self._half_to_master), torch.empty(0)).device)
         for optimizer in optimizers:
             if isinstance(optimizer, LBFGS):
                 raise ValueError("precision=16-master/bf16-master cannot drive LBFGS (its step re-evaluates the closure).")
@@ -119,18 +122,26 @@ class MasterCopyPrecision(HalfPrecision):
         if closure_result is None and model.automatic_optimization:
             return None  # training_step skipped backward
         self._gradients_to_masters()
-        self.scaler.unscale_(optimizer)  # FP32 master gradients, unscaled, inf/NaN recorded
+        self.scaler.unscale_(optimizer)  # FP32 master gradients, unscaled, inf/NaN recorded on the device
         self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, then clipping
-        # GradScaler keeps the per-device overflow flags private; it reads them the same way in step().
-        found_inf = sum(v.item() for v in self.scaler._found_inf_per_device(optimizer).values())
-        step_output = self.scaler.step(optimizer, **kwargs)  # skipped when found_inf
-        self.skipped_last_step = bool(found_inf)
-        if self.skipped_last_step:
-            self.skipped_steps += 1
-        else:
-            self._masters_to_model()
+        self._found_inf = found_inf(self.scaler, optimizer)
+        # Skipped when found_inf: on the device for fused optimizers; others make GradScaler read the flag (a sync).
+        step_output = self.scaler.step(optimizer, **kwargs)
+        self._skipped_steps += self._found_inf  # on the device: no sync
+        self._masters_to_model()  # after a skipped step the masters are unchanged, so this changes nothing
         self.scaler.update(self.static_scale)  # dynamic: back off or grow; static: stays put
         return step_output
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for inf/NaN gradients so far (reading it is a device sync)."""
+        return int(self._skipped_steps)
+
+    @property
+    def skipped_last_step(self) -> bool:
+        """Whether the last optimizer step was skipped: a device sync, so read only where the host must decide
+        (a per-step LR schedule is held on a skipped step)."""
+        return bool(self._found_inf)
 
     def clip_gradients(
         self, optimizer: Optimizer, clip_val: int | float = 0.0, gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM
@@ -159,7 +170,7 @@ class MasterCopyPrecision(HalfPrecision):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.scaler.load_state_dict(state_dict["scaler"])
-        self.skipped_steps = state_dict["skipped_steps"]
+        self._skipped_steps.fill_(state_dict["skipped_steps"])
         with torch.no_grad():
             for name, saved in state_dict["masters"].items():
                 self.masters[name].copy_(saved)

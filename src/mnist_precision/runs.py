@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import yaml
 
 from mnist_precision.config import DEFAULT_LOG_DIR
@@ -61,6 +60,8 @@ def saved_overrides(run_dir: Path) -> list[str]:
 
 def check_checkpoint(path: Path, what: str) -> None:
     """A clear error unless `path` is a readable Lightning checkpoint."""
+    import torch  # here, not at the top: `mnist-train --help` must not wait for torch
+
     if not path.is_file():
         raise UserError(f"{what}: {path} does not exist.")
     try:
