@@ -233,3 +233,15 @@ def test_a_checkpoint_from_a_different_model_is_named_as_such(run_main, tmp_path
     result = run_main(main, f"ckpt_path={ckpt}", "model=cnn", fast=entry == "train")
     assert result.code == 1 and "was written for a different model than the one configured" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_sweep_over_seeds_ends_with_mean_and_spread_of_accuracy_and_fit_time(run_main, tmp_path):
+    result = run_main(train_cli.main, "-m", "seed=0,1", "trainer.max_epochs=1")
+    assert result.code == 0, result.stderr
+    sweep = only_run_dir(tmp_path / "logs", "multirun")
+    jobs = [json.loads((sweep / f"{n}/metrics.json").read_text()) for n in (0, 1)]
+    assert all(job["time/fit_seconds"] > 0 for job in jobs)
+    accuracies = [job["test/acc"] for job in jobs]
+    mean = sum(accuracies) / 2
+    summary = next(line for line in result.stdout.splitlines() if line.startswith("sweep of 2 job(s): "))
+    assert f"test/acc {mean:.4f} ± " in summary and "time/fit_seconds " in summary, summary

@@ -43,3 +43,9 @@ def test_16_master_matches_fp32_within_0_3_points(tmp_path_factory, mlp_fp32):
 def test_pure_fp16_with_the_flux_settings_diverges_and_is_stopped(tmp_path_factory):
     with pytest.raises(TrainingDiverged, match="precision=16-true"):
         train_real(tmp_path_factory, "model=mlp", "trainer.max_epochs=5", "precision=16-true", "optimizer=adam", "optimizer.lr=1e-4")
+
+
+def test_speedrun_reaches_99_percent_in_2_epochs(tmp_path_factory):
+    """experiment=speedrun is timed on a GPU (README); its accuracy is checked here, on CPU, with the same config."""
+    metrics = train_real(tmp_path_factory, "experiment=speedrun")
+    assert metrics["test/acc"] >= 0.99 and metrics["time/fit_seconds"] > 0

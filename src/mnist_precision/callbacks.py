@@ -120,6 +120,8 @@ class TrainingMonitor(L.Callback):
     - `precision/loss_scale` and `precision/skipped_steps` (reading them is a sync): on logging steps.
     - `throughput/samples_per_sec`, once per epoch. (Lightning's ThroughputMonitor synchronises CUDA after
       every batch, which costs more than a whole step of the small models here.)
+    - `fit_seconds`: from the first training step to the end of the last epoch (validation and checkpoints
+      included; start-up, sanity check and test not), timed with CUDA events on a GPU.
 
     One callback rather than three: Lightning calls every per-step hook of every callback, with a
     profiler context, whether or not it overrides it (about 2 us per callback and hook on this CPU).
@@ -139,15 +141,22 @@ class TrainingMonitor(L.Callback):
         self._timing = False
         self.history: list[tuple[int, float]] = []  # (samples, training seconds) per epoch, for mnist-bench
         self.epoch_marks: list[float] = []  # each epoch's start, then the end of training: whole epochs, for mnist-bench
+        self.fit_seconds: float | None = None
+        self._fit_clock: Stopwatch | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(pl_module.device)
         self._start, self._samples, self._timing = time.perf_counter(), 0, True
         self.epoch_marks.append(self._start)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_clock = Stopwatch(pl_module.device)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(pl_module.device)
         self.epoch_marks.append(time.perf_counter())
+        if self._fit_clock is not None:
+            self.fit_seconds = self._fit_clock.seconds()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step = trainer.global_step  # the optimizer step this batch belongs to (counted up before batch end)
@@ -227,6 +236,26 @@ def _divergence_hint(precision: str) -> str:
     if precision == "bf16-true":
         return "Pure bfloat16 training lost precision; use precision=bf16-mixed or bf16-master."
     return "Lower the learning rate (optimizer.lr=...), add gradient clipping (trainer.gradient_clip_val=1.0), or check the inputs."
+
+
+class Stopwatch:
+    """Seconds since it was made: CUDA events on a GPU (the time the GPU's stream took), else the host's clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start_time = time.perf_counter()
+
+    def seconds(self) -> float:
+        if not self.cuda:
+            return time.perf_counter() - self.start_time
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self.start.elapsed_time(end) / 1000
 
 
 def synchronize(device: torch.device) -> None:

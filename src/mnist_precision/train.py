@@ -39,6 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except SIGTERMException:
         raise interrupted(run.trainer) from None
     metrics = as_floats(run.trainer.callback_metrics)  # test() starts a fresh set
+    metrics.update(fit_time(run.trainer))
     run.test(best_checkpoint(run.trainer))
     metrics.update(as_floats(run.trainer.callback_metrics))
     log_hparams_with_metrics(run.trainer, cfg, metrics)
@@ -57,6 +58,14 @@ def interrupted(trainer: L.Trainer) -> TrainingInterrupted:
     return TrainingInterrupted(
         f"stopped by {signal.Signals(signum).name} at {where}; the exact state is saved in {last.path}.\n"
         f"Continue with: mnist-train resume={run_dir}", signum)
+
+
+def fit_time(trainer: L.Trainer) -> dict[str, float]:
+    """`time/fit_seconds`: the training loop's time, as the TrainingMonitor measured it (if there is one)."""
+    from mnist_precision.callbacks import TrainingMonitor
+
+    monitor = next((cb for cb in trainer.callbacks if isinstance(cb, TrainingMonitor)), None)
+    return {} if monitor is None or monitor.fit_seconds is None else {"time/fit_seconds": monitor.fit_seconds}
 
 
 def as_floats(metrics: dict) -> dict[str, float]:
@@ -79,7 +88,7 @@ def log_hparams_with_metrics(trainer: L.Trainer, cfg: DictConfig, metrics: dict[
 
     hparams = OmegaConf.to_container(cfg, resolve=True)
     hparams.pop("paths", None)
-    final = {name: value for name, value in metrics.items() if name.startswith(("test/", "val/acc_best"))}
+    final = {name: value for name, value in metrics.items() if name.startswith(("test/", "val/acc_best", "time/"))}
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hparams, final)
@@ -87,6 +96,7 @@ def log_hparams_with_metrics(trainer: L.Trainer, cfg: DictConfig, metrics: dict[
 
 
 FAILED_SWEEP_JOBS: list[str] = []
+SWEEP_RESULTS: list[dict[str, float]] = []
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -104,15 +114,36 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         FAILED_SWEEP_JOBS.append(str(run_dir))
         return None
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"test/acc={metrics['test/acc']:.4f}  run dir: {run_dir}", flush=True)
+    fit = f"  fit {metrics['time/fit_seconds']:.2f} s" if "time/fit_seconds" in metrics else ""
+    print(f"test/acc={metrics['test/acc']:.4f}{fit}  run dir: {run_dir}", flush=True)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        SWEEP_RESULTS.append(metrics)
     return metrics["test/acc"]
+
+
+def sweep_summary(results: list[dict[str, float]]) -> str:
+    """Mean and spread of the sweep's test accuracy and training time (e.g. one recipe over seeds)."""
+    import statistics
+
+    def spread(key: str, unit: str, digits: int) -> str:
+        values = [r[key] for r in results if key in r]
+        if not values:
+            return ""
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{key} {statistics.mean(values):.{digits}f}{unit} ± {std:.{digits}f}{unit} (min {min(values):.{digits}f}, max {max(values):.{digits}f})"
+
+    parts = [spread("test/acc", "", 4), spread("time/fit_seconds", " s", 2)]
+    return f"sweep of {len(results)} job(s): " + "; ".join(part for part in parts if part)
 
 
 def main() -> None:
     FAILED_SWEEP_JOBS.clear()
+    SWEEP_RESULTS.clear()
     with report_user_errors():
         sys.argv[1:] = train_argv(sys.argv[1:])
         _hydra_main()
+        if SWEEP_RESULTS:
+            print(sweep_summary(SWEEP_RESULTS), flush=True)
         if FAILED_SWEEP_JOBS:
             raise UserError(f"{len(FAILED_SWEEP_JOBS)} job(s) of the sweep failed: " + ", ".join(FAILED_SWEEP_JOBS))
 
