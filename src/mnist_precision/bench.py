@@ -250,7 +250,7 @@ def _start_worker() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- the worker's own, for its lifetime
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- the worker's own, for its lifetime (the bar still draws)
     skip_nvml_probe_without_gpu()
 
 

@@ -79,7 +79,12 @@ class MasterCopyPrecision(HalfPrecision):
         self._found_inf = torch.zeros(())
 
     def convert_module(self, module: nn.Module) -> nn.Module:
-        """Half weights, FP32 norm layers; the FP32 weights before the cast become the masters."""
+        """Half weights, FP32 norm layers; the FP32 weights before the cast become the masters.
+
+        The masters start from the unrounded FP32 weights, as the Flux tutorial keeps its FP32 model (apex O2,
+        apex FP16_Optimizer and Megatron copy them from the already-rounded half weights instead). So the
+        first update is FP32's own, and on an MLP the masters equal 16-mixed's FP32 weights to the bit.
+        """
         norm_params = {id(p) for m in module.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
         halves = [(name, p) for name, p in module.named_parameters() if p.is_floating_point() and id(p) not in norm_params]
         self.masters = {name: p.detach().float().clone() for name, p in halves}
