@@ -15,11 +15,12 @@ class SendSignalAtStep(L.Callback):
 
 
 class PoisonInputAtSteps(L.Callback):
-    """Puts one inf pixel into the batch of each given optimizer step (before the forward pass)."""
+    """Puts one inf pixel into the batch of each given optimizer step (before the forward pass), on one rank or all."""
 
-    def __init__(self, steps: list[int]):
+    def __init__(self, steps: list[int], rank: int | None = None):
         self.steps = set(steps)
+        self.rank = rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step in self.steps:
+        if trainer.global_step in self.steps and self.rank in (None, trainer.global_rank):
             batch[0].view(-1)[0] = float("inf")

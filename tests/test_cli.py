@@ -144,6 +144,8 @@ BAD_TRAIN_INPUTS = {
     "resume and ckpt_path": (["resume=latest", "ckpt_path=x.ckpt"], "not both"),
     "resume in a sweep": (["-m", "resume=latest"], "cannot be combined with -m/--multirun"),
     "missing ckpt_path": (["ckpt_path=/nonexistent.ckpt"], "/nonexistent.ckpt does not exist"),
+    "guard patience zero": (["callbacks.training_monitor.patience=0"], "callbacks.training_monitor.patience must be >= 1, got 0"),
+    "negative kept epochs": (["callbacks.last_checkpoint.keep_every_n_epochs=-1"], "keep_every_n_epochs must be >= 0, got -1"),
 }
 
 

@@ -3,9 +3,15 @@ once without a loss scaler, and under one treats a single non-finite loss as the
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
+from conftest import FAST
 from fault_injection import PoisonInputAtSteps
 
 from mnist_precision.build import build_run
@@ -58,3 +64,14 @@ def test_the_guard_judges_the_models_loss_not_the_scaled_one(make_config):
     run.trainer.fit(run.model, datamodule=run.datamodule)
     assert not scaled.finite[0]  # the premise: what the old guard read was inf
     assert run.trainer.global_step == 16 and run.trainer.precision_plugin.skipped_steps == 0
+
+
+def test_under_ddp_a_divergence_on_one_rank_stops_every_rank(tmp_path, mnist_root):
+    """Rank 0 alone sees a non-finite loss; rank 1 must stop too, not wait forever in the next all-reduce."""
+    env = {**os.environ, "MNIST_ROOT": str(mnist_root), "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
+    args = [*FAST, "trainer=ddp_cpu", "trainer.max_epochs=1", f"paths.log_dir={tmp_path / 'logs'}",
+            "+callbacks.poison._target_=fault_injection.PoisonInputAtSteps", "+callbacks.poison.steps=[2]", "+callbacks.poison.rank=0"]
+    done = subprocess.run([sys.executable, "-m", "mnist_precision.train", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "the training loss is inf at step 2 (epoch 0, batch 2)" in done.stderr or "is nan at step 2" in done.stderr, done.stderr[-3000:]

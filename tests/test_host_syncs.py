@@ -107,7 +107,7 @@ def test_the_counter_sees_every_kind_of_read_and_who_made_it():
     monitor = TrainingMonitor()
     monitor._losses, monitor._where = [torch.tensor(0.5)], [(0, 0, 0)]
     with HostReads() as reads:
-        monitor.check_losses(SimpleNamespace(precision_plugin=None))  # the template: one .tolist()
+        monitor.check_losses(SimpleNamespace(precision_plugin=None, world_size=1))  # the template: one .tolist()
         value = torch.tensor([1.0, 2.0])
         value[0].item(), bool(value[1]), float(value[0]), value.numpy()  # this test file: four reads
     assert dict(reads.by_source) == {"template": 1, "other": 4}

@@ -188,6 +188,7 @@ class TrainingMonitor(L.Callback):
         values = torch.stack(self._losses).float().tolist()
         where, self._losses, self._where = self._where, [], []
         limit = self.patience if getattr(trainer.precision_plugin, "scaler", None) is not None else 1
+        diverged = False
         for value, place in zip(values, where, strict=True):
             if math.isfinite(value):
                 self._streak = 0
@@ -196,7 +197,14 @@ class TrainingMonitor(L.Callback):
                 self._first_bad = (value, place)
             self._streak += 1
             if self._streak >= limit:
-                raise TrainingDiverged(divergence_message(trainer, *self._first_bad, limit))
+                diverged = True
+                break
+        # Every rank checks at the same steps; all stop together, or under a launcher that does not kill the others
+        # on an exception (torchrun, SLURM) they would wait in the next all-reduce until it times out.
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(diverged, all=False) and not diverged:
+            raise TrainingDiverged(f"the training loss became inf/NaN on another rank (this is rank {trainer.global_rank}).")
+        if diverged:
+            raise TrainingDiverged(divergence_message(trainer, *self._first_bad, limit))
 
     def _log_loss_scale(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         plugin = trainer.precision_plugin

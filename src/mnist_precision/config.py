@@ -28,6 +28,10 @@ def check_config(cfg: DictConfig) -> None:
         *_check_number(cfg, "trainer.max_epochs", integer=True, minimum=-1),
         *_check_number(cfg, "seed", integer=True, minimum=0),
     ]
+    if OmegaConf.select(cfg, "callbacks.training_monitor") is not None:
+        problems += _check_number(cfg, "callbacks.training_monitor.patience", integer=True, minimum=1)
+    if OmegaConf.select(cfg, "callbacks.last_checkpoint") is not None:
+        problems += _check_number(cfg, "callbacks.last_checkpoint.keep_every_n_epochs", integer=True, minimum=0)
     if cfg.trainer.get("gradient_clip_val") is not None:
         problems += _check_number(cfg, "trainer.gradient_clip_val", minimum=0)
     if cfg.matmul_precision not in ("highest", "high", "medium"):
