@@ -26,6 +26,8 @@ from mnist_precision.runs import quote_precision_names
 
 @dataclass
 class Run:
+    """What `build_run` makes of a config: fit it, then test it (with the test-only callbacks attached)."""
+
     datamodule: MNISTDataModule
     model: MNISTClassifier
     trainer: L.Trainer
@@ -35,7 +37,8 @@ class Run:
         self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
     def test(self, ckpt_path: str | None = None, verbose: bool = True) -> dict[str, float]:
-        self.trainer.callbacks.extend(cb for cb in self.test_callbacks if cb not in self.trainer.callbacks)
+        missing = [callback for callback in self.test_callbacks if callback not in self.trainer.callbacks]
+        self.trainer.callbacks.extend(missing)
         return self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=verbose)[0]
 
 
