@@ -58,3 +58,14 @@ def test_gpu_benchmarks_say_they_need_a_gpu_on_cpu(script):
         pytest.skip("a GPU is present: the benchmark runs for real")
     done = run_script(script)
     assert done.returncode == 0 and "needs a CUDA GPU" in done.stdout
+
+
+def test_limit_train_batches_limits_the_baselines_too(run_main, tmp_path):
+    """Every row trains on the same number of batches, so the ratios compare equal work (issue 8)."""
+    result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32]", "bench.rounds=1", "bench.warmup_epochs=1",
+                      "bench.epochs=1", "bench.limit_train_batches=3")
+    assert result.code == 0, result.stderr[-3000:]
+    report = json.loads((next((tmp_path / "logs/bench").iterdir()) / "bench.json").read_text())
+    assert {r["kind"]: r["steps_per_epoch"] for r in report["results"]} == {
+        "template": 3, "bare lightning": 3, "plain loop": 3, "per-sample pipeline": 3}
+    assert all(r["epoch_seconds"] > 0 and len(r["epoch_seconds_by_round"]) == 1 for r in report["results"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,15 @@ def test_debug_overfit_trains_on_the_same_batches_until_the_loss_is_near_zero(ma
     loader = run.datamodule.train_dataloader()
     assert loader.sampler.shuffle is False
     assert float(run.trainer.callback_metrics["train/loss_epoch"]) < 0.01
+
+
+def test_without_a_gpu_torchs_per_step_nvml_probe_is_switched_off(make_config, monkeypatch):
+    from mnist_precision.build import build_run
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # what importing Lightning sets
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a GPU machine: left as it is
+    build_run(make_config())
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # no GPU: every Adam step would probe NVML
+    build_run(make_config())
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "0"
