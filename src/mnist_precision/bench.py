@@ -12,7 +12,7 @@ model it also times, on the same resident tensors, model, batch size and number 
 
 Each configuration runs in its own worker process (so peak memory is its own), and the workers take
 turns, `bench.rounds` times: a ratio comes from measurements interleaved in one run on a noisy machine,
-and each figure is the median over the rounds of the median over an epoch's timed epochs.
+and each figure is the median over the rounds of the median over the timed epochs of a round.
 
 Writes bench.json, bench.md, bench.png and TensorBoard scalars into the run directory.
 """
@@ -50,13 +50,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def steady_state(history: list[tuple[int, float]], epoch_seconds: list[float], warmup: int) -> dict[str, float]:
-    """Medians over the epochs after the warm-up: training samples/s, whole-epoch seconds, optimizer steps."""
+def steady_state(history: list[tuple[int, float]], epoch_seconds: list[float], steps_per_epoch: int, warmup: int) -> dict[str, float]:
+    """Medians over the epochs after the warm-up: training samples/s (from (samples, training seconds) per epoch)
+    and whole-epoch seconds; with the steps an epoch takes, for the per-step overhead."""
     timed, whole = history[warmup:] or history, epoch_seconds[warmup:] or epoch_seconds
     return {
-        "samples_per_sec": statistics.median(samples / seconds for samples, seconds, _ in timed),
+        "samples_per_sec": statistics.median(samples / seconds for samples, seconds in timed),
         "epoch_seconds": statistics.median(whole),
-        "steps_per_epoch": timed[0][2],
+        "steps_per_epoch": steps_per_epoch,
     }
 
 
@@ -80,10 +81,8 @@ def measure_template(overrides: list[str], output_dir: str, warmup: int) -> dict
     fit_metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
     test_metrics = run.test(verbose=False)
     plugin = run.trainer.precision_plugin
-    steps = run.trainer.num_training_batches
-    history = [(samples, seconds, steps) for samples, seconds in monitor.history]
     return {
-        **steady_state(history, between(monitor.epoch_marks), warmup),
+        **steady_state(monitor.history, between(monitor.epoch_marks), run.trainer.num_training_batches, warmup),
         "peak_memory_mb": peak_memory_mb(run.model.device),
         "test_acc": test_metrics["test/acc"],
         "final_loss": fit_metrics.get("train/loss_epoch"),
@@ -135,14 +134,14 @@ def measure_plain_loop(overrides: list[str], output_dir: str, warmup: int) -> di
             optimizer.step()
             samples += len(images)
         synchronize(device)
-        history.append((samples, time.perf_counter() - marks[-1], n_train))
+        history.append((samples, time.perf_counter() - marks[-1]))
         net.eval()
         with torch.no_grad():
             correct = sum((net(images).argmax(1) == targets.argmax(1)).sum() for images, targets in islice(val_loader, n_val))
         float(correct)  # the validation accuracy, read as a template reads it
     synchronize(device)
     marks.append(time.perf_counter())
-    return {**steady_state(history, between(marks), warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
+    return {**steady_state(history, between(marks), n_train, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
 
 
 def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int) -> dict[str, Any]:
@@ -160,7 +159,7 @@ def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int) -
             super().__init__()
             self.net = instantiate(cfg.model)
             self.marks: list[float] = []
-            self.history: list[tuple[int, float, int]] = []
+            self.history: list[tuple[int, float]] = []
 
         def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
             return F.cross_entropy(self.net(batch[0]), batch[1])
@@ -177,8 +176,8 @@ def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int) -
 
         def on_validation_start(self) -> None:
             synchronize(self.device)
-            batches = self.trainer.num_training_batches
-            self.history.append((batches * cfg.data.batch_size, time.perf_counter() - self.marks[-1], batches))
+            samples = self.trainer.num_training_batches * cfg.data.batch_size  # (a partial last batch counts whole)
+            self.history.append((samples, time.perf_counter() - self.marks[-1]))
 
         def on_train_end(self) -> None:
             synchronize(self.device)
@@ -191,7 +190,8 @@ def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int) -
                         use_distributed_sampler=False)
     bare = Bare()
     trainer.fit(bare, train_dataloaders=train_loader, val_dataloaders=val_loader)
-    return {**steady_state(bare.history, between(bare.marks), warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": None}
+    steps = trainer.num_training_batches
+    return {**steady_state(bare.history, between(bare.marks), steps, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": None}
 
 
 def measure_per_sample_pipeline(overrides: list[str], output_dir: str, warmup: int) -> dict[str, Any]:
@@ -225,12 +225,12 @@ def measure_per_sample_pipeline(overrides: list[str], output_dir: str, warmup: i
             optimizer.step()
             samples += len(x)
         synchronize(device)
-        history.append((samples, time.perf_counter() - marks[-1], n_train))
+        history.append((samples, time.perf_counter() - marks[-1]))
         with torch.no_grad():
             float(sum((net(x.to(device)).argmax(1) == y.to(device)).sum() for x, y in islice(val_loader, n_val)))
     synchronize(device)
     marks.append(time.perf_counter())
-    return {**steady_state(history, between(marks), warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
+    return {**steady_state(history, between(marks), n_train, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
 
 
 MEASURE: dict[str, Callable[..., dict[str, Any]]] = {

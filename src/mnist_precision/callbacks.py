@@ -73,14 +73,19 @@ class LastCheckpoint(ModelCheckpoint):
         return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not (trainer.fast_dev_run or trainer.sanity_checking):
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and self._saves_now(trainer):
             trainer.save_checkpoint(self.path)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         epoch = trainer.current_epoch
-        if self.keep_every_n_epochs and (epoch + 1) % self.keep_every_n_epochs == 0 and not (trainer.fast_dev_run or trainer.sanity_checking):
+        if self.keep_every_n_epochs and (epoch + 1) % self.keep_every_n_epochs == 0 and self._saves_now(trainer):
             trainer.save_checkpoint(os.path.join(self.dirpath, f"epoch_{epoch:03d}{self.FILE_EXTENSION}"))
+
+    @staticmethod
+    def _saves_now(trainer: L.Trainer) -> bool:
+        """ModelCheckpoint's own rule, from public state: nothing is saved by fast_dev_run or the sanity check."""
+        return not (trainer.fast_dev_run or trainer.sanity_checking)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
