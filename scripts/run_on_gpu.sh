@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 9, part C: everything that needs a CUDA GPU, in one run (about 10 minutes on an H100).
+# Everything that needs a CUDA GPU, in one run: the CUDA tests, speedrun over 5 seeds, the GPU benchmarks
+# (issue 9, part C; planned at about 10 minutes on an H100, not yet run).
 #
 # Where the GPU machine has no hydra-core/omegaconf (the lent device image has torch, Lightning, torchmetrics,
 # torchvision and tensorboard), prepare on the development machine, in the repository root:

@@ -1,6 +1,6 @@
 """On a CUDA GPU (issue 9, part C): every precision and model trains and tests there, the data stays resident on the
 device, and the master-copy plugin equals autocast to the bit as on CPU. Skipped where torch sees no CUDA GPU (CI);
-`scripts/gpu_part_c.sh` runs them, with the figures, on a lent GPU machine."""
+`scripts/run_on_gpu.sh` runs them, with the figures, on a lent GPU machine."""
 
 from __future__ import annotations
 
