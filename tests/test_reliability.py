@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from conftest import FAST
@@ -105,3 +107,103 @@ def test_atomic_write_replaces_the_file_whole(tmp_path):
     io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, tmp_path / "c.ckpt")
     assert torch.equal(torch.load(tmp_path / "c.ckpt", weights_only=True)["state_dict"]["w"], torch.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["c.ckpt"]
+
+
+class ClockJumpsAtStep(L.Callback):
+    """Lightning's Timer (trainer.max_time) reads this clock; it stands still, then jumps a day during the given step."""
+
+    now = 0.0
+
+    def __init__(self, step: int):
+        self.step = step
+        ClockJumpsAtStep.now = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            ClockJumpsAtStep.now = 86400.0
+
+
+class StopAtValidationAtStep(L.Callback):
+    """Sets `trainer.should_stop` at the validation after the given step: how EarlyStopping ends a run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            trainer.should_stop = True
+
+
+class StopFromTheModel(L.Callback):
+    """Sets `trainer.should_stop` from the LightningModule's own batch-end hook, which runs after every callback's."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def setup(self, trainer, pl_module, stage):
+        def on_train_batch_end(outputs, batch, batch_idx):
+            if trainer.global_step == self.step:
+                trainer.should_stop = True
+
+        pl_module.on_train_batch_end = on_train_batch_end
+
+
+def stopped_at(callback: str, step: int) -> list[str]:
+    return [f"+callbacks.stop._target_=test_reliability.{callback}", f"+callbacks.stop.step={step}"]
+
+
+def stop_then_resume(make_config, tmp_path: Path, common: list[str], stop: list[str]) -> tuple[dict, dict, dict]:
+    """Trains `common` straight through; again, ended early by `stop`, then resumed. Returns the three last.ckpt."""
+    train(make_config(*common, output_dir=tmp_path / "straight"))
+    train(make_config(*common, *stop, output_dir=tmp_path / "run"))
+    stopped = load(tmp_path / "run/checkpoints/last.ckpt")
+    train(make_config(*common, f"resume={tmp_path / 'run'}", output_dir=tmp_path / "run"))
+    return stopped, load(tmp_path / "straight/checkpoints/last.ckpt"), load(tmp_path / "run/checkpoints/last.ckpt")
+
+
+def assert_same_precision_state(a: dict, b: dict) -> None:
+    plugin_a, plugin_b = a.get("MasterCopyPrecision"), b.get("MasterCopyPrecision")
+    assert (plugin_a is None) == (plugin_b is None)
+    if plugin_a is not None:
+        assert plugin_a["scaler"] == plugin_b["scaler"] and plugin_a["skipped_steps"] == plugin_b["skipped_steps"]
+        for name, master in plugin_a["masters"].items():
+            assert torch.equal(master, plugin_b["masters"][name]), name
+
+
+@pytest.mark.parametrize("precision", [["precision=32"], ["precision=16-master", "precision.growth_interval=3"]], ids=["32", "16-master"])
+@pytest.mark.parametrize("stop", ["max_steps", "max_time"])
+def test_a_run_ended_mid_epoch_by_max_steps_or_max_time_resumes_where_it_stopped(make_config, tmp_path, monkeypatch, precision, stop):
+    # Step 11 is batch 3 of epoch 1 (8 batches an epoch): resuming from an epoch-end state would skip 5 batches.
+    common = [*precision, "model=convnet", "model.channels=4", "trainer.max_steps=20"]
+    if stop == "max_steps":
+        first = ["trainer.max_steps=11"]
+    else:
+        monkeypatch.setattr("lightning.pytorch.callbacks.timer.time", SimpleNamespace(monotonic=lambda: ClockJumpsAtStep.now))
+        first = ["trainer.max_time={hours:1}", "+callbacks.clock._target_=test_reliability.ClockJumpsAtStep", "+callbacks.clock.step=11"]
+    stopped, straight, resumed = stop_then_resume(make_config, tmp_path, common, first)
+    assert stopped["global_step"] == 11
+    assert stopped["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches_fetched": 3}]
+    assert_same_training_state(straight, resumed)
+    assert_same_precision_state(straight, resumed)
+
+
+def test_a_run_stopped_by_a_mid_epoch_validation_resumes_where_it_stopped(make_config, tmp_path):
+    common = ["model=convnet", "model.channels=4", "trainer.max_steps=20", "+trainer.val_check_interval=3"]
+    stopped, straight, resumed = stop_then_resume(make_config, tmp_path, common, stopped_at("StopAtValidationAtStep", 11))
+    assert stopped["global_step"] == 11
+    assert_same_training_state(straight, resumed)
+
+
+def test_a_run_stopped_by_the_model_resumes_where_it_stopped(make_config, tmp_path):
+    # The module's hook runs after every callback's; Lightning then validates (should_stop), and the state is saved there.
+    stopped, straight, resumed = stop_then_resume(make_config, tmp_path, ["trainer.max_steps=20"], stopped_at("StopFromTheModel", 11))
+    assert stopped["global_step"] == 11
+    assert_same_training_state(straight, resumed)
+
+
+def test_a_mid_epoch_stop_that_cannot_be_saved_exactly_says_so_at_resume(make_config, tmp_path):
+    # Without validation nothing runs between the module's hook and the epoch end: no exact state to save.
+    common = ["trainer.max_steps=20", "trainer.limit_val_batches=0"]
+    train(make_config(*common, *stopped_at("StopFromTheModel", 11)))
+    with pytest.warns(UserWarning, match=r"epoch 1 stopped at batch 3 of 8: .* its other 5 batches are not trained"):
+        train(make_config(*common, f"resume={tmp_path / 'run'}"))

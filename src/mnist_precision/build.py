@@ -72,7 +72,8 @@ def build_run(cfg: DictConfig) -> Run:
     loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node is not None]
     precision = precision_arguments(cfg.precision, cfg.trainer, cfg.optimizer)
     plugins = [AtomicCheckpointIO(), *precision.pop("plugins", [])]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **precision)
+    # _convert_: Lightning reads plain dicts (max_time={hours: 12}), not OmegaConf's DictConfig.
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **precision, _convert_="all")
     return Run(instantiate(cfg.data), model, trainer, test_callbacks)
 
 

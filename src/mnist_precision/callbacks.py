@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch import callbacks as lightning_callbacks
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -52,6 +52,10 @@ class LastCheckpoint(ModelCheckpoint):
     (the Flux tutorial saves every 5): here rather than in a second ModelCheckpoint, which would cost its
     hook calls on every training step.
 
+    A run that ends mid-epoch (`trainer.max_steps`, or `trainer.should_stop` as Lightning's Timer sets it on
+    `max_time`, or EarlyStopping at a mid-epoch validation) is saved at the batch where it stops, not at the
+    epoch end: by then Lightning's fit loop counts the epoch as done, and a resumed run would skip the rest of it.
+
     Preemption: Lightning already turns SIGTERM (SLURM, cloud preemption) into a `SIGTERMException` at the
     next batch boundary, on every DDP rank, and calls `on_exception`; here SIGINT is routed the same way,
     and the exact state at that boundary (loops, data position, RNG, precision plugin) is saved.
@@ -67,20 +71,68 @@ class LastCheckpoint(ModelCheckpoint):
         self.signal: int | None = None  # the signal that stopped training, if one did
         self.saved_on_signal = False
         self._previous_sigint: Any = None
+        self._batch_idx = -1  # the last trained batch of this epoch
+        self._saved_mid_epoch_at = -1  # the global step of the exact mid-epoch save, if the run stopped there
+        self._cut_short: tuple[int, int, int] | None = None  # (epoch, batches trained, batches) of an inexact save
 
     @property
     def path(self) -> str:
         return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and self._saves_now(trainer):
+        self._batch_idx = batch_idx
+        if not self._saves_now(trainer):
+            return
+        if self._stops_mid_epoch(trainer):
+            self._save_mid_epoch(trainer)
+        elif self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             trainer.save_checkpoint(self.path)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A mid-epoch validation (val_check_interval) that stopped the run: EarlyStopping sets should_stop here.
+        if trainer.state.fn == "fit" and self._saves_now(trainer) and self._stops_mid_epoch(trainer):
+            self._save_mid_epoch(trainer)
+
+    def _stops_mid_epoch(self, trainer: L.Trainer) -> bool:
+        """Whether Lightning's fit loop ends after the current batch, before the epoch's last batch."""
+        if self._batch_idx + 1 >= trainer.num_training_batches:
+            return False
+        if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+            return True
+        fit_loop = trainer.fit_loop  # Lightning honours should_stop only once min_epochs and min_steps are met
+        return trainer.should_stop and trainer.current_epoch >= (fit_loop.min_epochs or 0) and trainer.global_step >= (fit_loop.min_steps or 0)
+
+    def _save_mid_epoch(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self._saved_mid_epoch_at = trainer.global_step
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._batch_idx = -1
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._batch_idx + 1 < trainer.num_training_batches:  # the epoch was cut short
+            if self._saved_mid_epoch_at != trainer.global_step:
+                # Stopped by something that acted after the batch's callbacks (a LightningModule hook): the state
+                # here counts the epoch as done. Saved all the same, and the resumed run says what it skips.
+                self._cut_short = (trainer.current_epoch, self._batch_idx + 1, trainer.num_training_batches)
+                super().on_train_epoch_end(trainer, pl_module)
+            return
         super().on_train_epoch_end(trainer, pl_module)
         epoch = trainer.current_epoch
         if self.keep_every_n_epochs and (epoch + 1) % self.keep_every_n_epochs == 0 and self._saves_now(trainer):
             trainer.save_checkpoint(os.path.join(self.dirpath, f"epoch_{epoch:03d}{self.FILE_EXTENSION}"))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "cut_short": self._cut_short}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if state_dict.get("cut_short"):
+            epoch, trained, batches = state_dict["cut_short"]
+            rank_zero_warn(
+                f"resuming from a checkpoint written after epoch {epoch} stopped at batch {trained} of {batches}: "
+                f"Lightning counts that epoch as done, so its other {batches - trained} batches are not trained."
+            )
 
     @staticmethod
     def _saves_now(trainer: L.Trainer) -> bool:
