@@ -162,15 +162,22 @@ def stop_then_resume(make_config, tmp_path: Path, common: list[str], stop: list[
 
 
 def assert_same_precision_state(a: dict, b: dict) -> None:
-    plugin_a, plugin_b = a.get("MasterCopyPrecision"), b.get("MasterCopyPrecision")
-    assert (plugin_a is None) == (plugin_b is None)
-    if plugin_a is not None:
-        assert plugin_a["scaler"] == plugin_b["scaler"] and plugin_a["skipped_steps"] == plugin_b["skipped_steps"]
-        for name, master in plugin_a["masters"].items():
-            assert torch.equal(master, plugin_b["masters"][name]), name
+    """The precision plugin's state (loss scaler; masters and skipped steps for the master copy) is the same."""
+
+    def same(x, y) -> bool:
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+    for plugin in ("MixedPrecision", "MasterCopyPrecision"):
+        assert (plugin in a) == (plugin in b)
+        assert same(a.get(plugin), b.get(plugin)), plugin
 
 
-@pytest.mark.parametrize("precision", [["precision=32"], ["precision=16-master", "precision.growth_interval=3"]], ids=["32", "16-master"])
+@pytest.mark.parametrize("precision", [
+    ["precision=32"], ["precision=16-mixed"], ["precision=bf16-true"],
+    ["precision=16-master", "precision.growth_interval=3"], ["precision=bf16-master", "precision.loss_scale=dynamic"],
+], ids=["32", "16-mixed", "bf16-true", "16-master", "bf16-master"])
 @pytest.mark.parametrize("stop", ["max_steps", "max_time"])
 def test_a_run_ended_mid_epoch_by_max_steps_or_max_time_resumes_where_it_stopped(make_config, tmp_path, monkeypatch, precision, stop):
     # Step 11 is batch 3 of epoch 1 (8 batches an epoch): resuming from an epoch-end state would skip 5 batches.
