@@ -109,8 +109,8 @@ class CliResult:
 def run_cli(tmp_path: Path, mnist_root: Path):
     """Runs `python -m mnist_precision.<module> ...` in a subprocess from an unrelated working directory."""
 
-    def run(module: str, *args: str, log_dir: Path | None = None, timeout: float = 300) -> CliResult:
-        env = {**os.environ, "MNIST_ROOT": str(mnist_root), "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    def run(module: str, *args: str, log_dir: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None) -> CliResult:
+        env = {**os.environ, "MNIST_ROOT": str(mnist_root), "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", **(env or {})}
         argv = [sys.executable, "-m", f"mnist_precision.{module}", *FAST, f"paths.log_dir={log_dir or tmp_path / 'logs'}", *args]
         cwd = tmp_path / "elsewhere"
         cwd.mkdir(exist_ok=True)

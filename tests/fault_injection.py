@@ -1,6 +1,7 @@
 """Fault injection for the reliability tests: a callback that sends this process a signal at a given step."""
 
 import os
+import warnings
 
 import lightning as L
 
@@ -24,3 +25,25 @@ class PoisonInputAtSteps(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step in self.steps and self.rank in (None, trainer.global_rank):
             batch[0].view(-1)[0] = float("inf")
+
+
+class RaiseAtStep(L.Callback):
+    """Raises an unexpected error (not a UserError) after the given optimizer step: a bug, as the user meets it."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("injected failure")
+
+
+class WarnAtStep(L.Callback):
+    """Warns once, after the given optimizer step: a warning the user should see."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            warnings.warn("an injected warning that matters", UserWarning, stacklevel=1)

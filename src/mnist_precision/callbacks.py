@@ -3,9 +3,11 @@ guard, loss scale, throughput) and the test figures."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -23,6 +25,8 @@ from torchvision.utils import make_grid
 from mnist_precision.data import NUM_CLASSES, batch_size_of
 from mnist_precision.errors import TrainingDiverged
 from mnist_precision.private_api import should_log_this_step
+
+EPOCH_LOG = logging.getLogger("mnist_precision.epochs")
 
 
 class ModelCheckpoint(lightning_callbacks.ModelCheckpoint):
@@ -86,7 +90,7 @@ class LastCheckpoint(ModelCheckpoint):
         if self._stops_mid_epoch(trainer):
             self._save_mid_epoch(trainer)
         elif self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.path)
+            self._save(trainer, self.path)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A mid-epoch validation (val_check_interval) that stopped the run: EarlyStopping sets should_stop here.
@@ -103,7 +107,7 @@ class LastCheckpoint(ModelCheckpoint):
         return trainer.should_stop and trainer.current_epoch >= (fit_loop.min_epochs or 0) and trainer.global_step >= (fit_loop.min_steps or 0)
 
     def _save_mid_epoch(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        self._save(trainer, self.path)
         self._saved_mid_epoch_at = trainer.global_step
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -120,7 +124,7 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)
         epoch = trainer.current_epoch
         if self.keep_every_n_epochs and (epoch + 1) % self.keep_every_n_epochs == 0 and self._saves_now(trainer):
-            trainer.save_checkpoint(os.path.join(self.dirpath, f"epoch_{epoch:03d}{self.FILE_EXTENSION}"))
+            self._save(trainer, os.path.join(self.dirpath, f"epoch_{epoch:03d}{self.FILE_EXTENSION}"))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "cut_short": self._cut_short}
@@ -133,6 +137,10 @@ class LastCheckpoint(ModelCheckpoint):
                 f"resuming from a checkpoint written after epoch {epoch} stopped at batch {trained} of {batches}: "
                 f"Lightning counts that epoch as done, so its other {batches - trained} batches are not trained."
             )
+
+    @staticmethod
+    def _save(trainer: L.Trainer, path: str) -> None:
+        trainer.save_checkpoint(path, weights_only=False)  # the full state, said explicitly (None logs a notice)
 
     @staticmethod
     def _saves_now(trainer: L.Trainer) -> bool:
@@ -155,7 +163,7 @@ class LastCheckpoint(ModelCheckpoint):
         self._restore_sigint()
         if isinstance(exception, SIGTERMException):
             self.signal = self.signal or signal.SIGTERM
-            trainer.save_checkpoint(self.path)
+            self._save(trainer, self.path)
             self.saved_on_signal = True
 
     def _restore_sigint(self) -> None:
@@ -327,6 +335,50 @@ def synchronize(device: torch.device) -> None:
     """Wait for the GPU's queued work, so a wall-clock reading means what it says (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def progress_bar(refresh_rate: int = 50) -> lightning_callbacks.ProgressBar:
+    """Lightning's TQDM bar on a terminal; one plain line per epoch when stdout is a file or a pipe (CI, SLURM, nohup),
+    where a bar's redraws would write thousands of carriage-return updates."""
+    if sys.stdout.isatty():
+        return lightning_callbacks.TQDMProgressBar(refresh_rate=refresh_rate)
+    return EpochLines()
+
+
+class EpochLines(lightning_callbacks.ProgressBar):
+    """A progress "bar" for logs: after each epoch, one line with its mean training loss and accuracy, its validation
+    loss and accuracy, and how long it took (validation included), through the job's log (console and train.log)."""
+
+    SHOWN = ("train/loss_epoch", "train/acc", "val/loss", "val/acc")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._epoch_start: float | None = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The finished epoch's metrics are complete only now: train/loss_epoch and train/acc are logged by the
+        # LightningModule's own on_train_epoch_end, which runs after every callback's.
+        self._report(trainer, trainer.current_epoch - 1)
+        self._epoch_start = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, trainer.current_epoch - 1)
+
+    def _report(self, trainer: L.Trainer, epoch: int) -> None:
+        if self._epoch_start is None or not self._enabled or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        shown = "  ".join(f"{name} {float(metrics[name]):.4f}" for name in self.SHOWN if name in metrics)
+        total = f"/{trainer.max_epochs}" if trainer.max_steps == -1 and trainer.max_epochs and trainer.max_epochs > 0 else ""
+        EPOCH_LOG.info(f"epoch {epoch + 1}{total}  {shown}  {time.perf_counter() - self._epoch_start:.1f} s")
+        self._epoch_start = None
 
 
 class TestFigures(L.Callback):

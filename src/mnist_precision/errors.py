@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, NoReturn
+
+LOG = logging.getLogger("mnist_precision")
 
 
 class UserError(Exception):
@@ -31,6 +36,21 @@ def exit_with(error: UserError) -> NoReturn:
     """`error: <message>` on stderr; exit status 1 (or the error's own `exit_code`)."""
     print_error(error)
     raise SystemExit(getattr(error, "exit_code", 1)) from None
+
+
+def log_job_error(error: Exception, log_file: Path) -> int:
+    """Inside a Hydra job: one `error: ...` line on stderr and in the job's log; returns the exit status.
+
+    Anything but a UserError is a bug or an environment problem nobody anticipated: still one line on the
+    console, saying where the full traceback was written (the log file). HYDRA_FULL_ERROR=1 re-raises it instead.
+    """
+    if isinstance(error, UserError):
+        LOG.error(f"error: {error}")
+        return getattr(error, "exit_code", 1)
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    LOG.error(f"error: {type(error).__name__}: {error}\n(the full traceback is in {log_file})", exc_info=error)
+    return 1
 
 
 @contextmanager

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mnist_precision.config import CONF_DIR
-from mnist_precision.errors import explain_checkpoint_mismatch, report_user_errors
+from mnist_precision.console import setup_job_console
+from mnist_precision.errors import explain_checkpoint_mismatch, log_job_error, report_user_errors
 from mnist_precision.runs import eval_argv
 from mnist_precision.train import as_floats
+
+LOG = logging.getLogger("mnist_precision")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -19,15 +24,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     run = build_run(cfg)
     with explain_checkpoint_mismatch(cfg.ckpt_path):
-        run.test(cfg.ckpt_path)
+        run.test(cfg.ckpt_path, verbose=False)
     return as_floats(run.trainer.callback_metrics)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def _hydra_main(cfg: DictConfig) -> float:
-    with report_user_errors():
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    setup_job_console()
+    try:
         metrics = evaluate(cfg)
-    print(f"test/acc={metrics['test/acc']:.4f}  checkpoint: {cfg.ckpt_path}  run dir: {HydraConfig.get().runtime.output_dir}", flush=True)
+    except Exception as error:
+        raise SystemExit(log_job_error(error, run_dir / f"{hydra_cfg.job.name}.log")) from None
+    LOG.info(f"test/acc={metrics['test/acc']:.4f}  test/loss={metrics['test/loss']:.4f}\ncheckpoint: {cfg.ckpt_path}\nrun dir: {run_dir}")
     return metrics["test/acc"]
 
 

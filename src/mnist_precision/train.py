@@ -7,8 +7,10 @@ in a fraction of a second; torch and Lightning (about 3 s to import) load when a
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,11 +20,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_precision.config import CONF_DIR
-from mnist_precision.errors import TrainingInterrupted, UserError, exit_with, explain_checkpoint_mismatch, print_error, report_user_errors
+from mnist_precision.console import setup_job_console
+from mnist_precision.errors import TrainingInterrupted, UserError, explain_checkpoint_mismatch, log_job_error, report_user_errors
 from mnist_precision.runs import LAST_CHECKPOINT, train_argv
 
 if TYPE_CHECKING:
     import lightning as L
+
+LOG = logging.getLogger("mnist_precision")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -40,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise interrupted(run.trainer) from None
     metrics = as_floats(run.trainer.callback_metrics)  # test() starts a fresh set
     metrics.update(fit_time(run.trainer))
-    run.test(best_checkpoint(run.trainer))
+    run.test(best_checkpoint(run.trainer), verbose=False)  # the summary block reports the results
     metrics.update(as_floats(run.trainer.callback_metrics))
     log_hparams_with_metrics(run.trainer, cfg, metrics)
     return metrics
@@ -102,23 +107,38 @@ SWEEP_RESULTS: list[dict[str, float]] = []
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """Each run leaves metrics.json in its run dir: the final metrics, or the error that stopped it."""
+    started = time.perf_counter()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    setup_job_console()
     try:
         metrics = train(cfg)
-    except UserError as error:
+    except Exception as error:
         (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
+        code = log_job_error(error, run_dir / f"{hydra_cfg.job.name}.log")
         if hydra_cfg.mode != RunMode.MULTIRUN:
-            exit_with(error)
-        print_error(error)  # a sweep goes on; main() exits non-zero at the end
-        FAILED_SWEEP_JOBS.append(str(run_dir))
+            raise SystemExit(code) from None
+        FAILED_SWEEP_JOBS.append(str(run_dir))  # a sweep goes on; main() exits non-zero at the end
         return None
+    metrics["time/wall_seconds"] = time.perf_counter() - started
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    fit = f"  fit {metrics['time/fit_seconds']:.2f} s" if "time/fit_seconds" in metrics else ""
-    print(f"test/acc={metrics['test/acc']:.4f}{fit}  run dir: {run_dir}", flush=True)
+    LOG.info(summary(metrics, run_dir))
     if hydra_cfg.mode == RunMode.MULTIRUN:
         SWEEP_RESULTS.append(metrics)
     return metrics["test/acc"]
+
+
+def summary(metrics: dict[str, float], run_dir: Path) -> str:
+    """The end of a run: results, times, and where to look."""
+    parts = [f"test/acc={metrics['test/acc']:.4f}"]
+    if "val/acc_best" in metrics:
+        parts.append(f"val/acc_best={metrics['val/acc_best']:.4f}")
+    if "time/fit_seconds" in metrics:
+        parts.append(f"fit {metrics['time/fit_seconds']:.1f} s")
+    parts.append(f"wall {metrics['time/wall_seconds']:.1f} s")
+    if "throughput/samples_per_sec" in metrics:
+        parts.append(f"{metrics['throughput/samples_per_sec']:,.0f} samples/s")
+    return "  ".join(parts) + f"\nrun dir: {run_dir}\nTensorBoard: tensorboard --logdir {run_dir}"
 
 
 def sweep_summary(results: list[dict[str, float]]) -> str:

@@ -1,0 +1,72 @@
+"""What a run prints, in one place: the warnings and log lines known to be harmless, and where the rest go.
+
+Hydra's job logging (`conf/hydra/job_logging/console.yaml`) sends plain messages to the console (warnings and
+errors to stderr) and everything, timestamped, to the run's `train.log`. Python warnings join that log
+(`logging.captureWarnings`), so a warning is in train.log as well as on the screen.
+
+Only what the user can do nothing about is silenced, each with its reason. Anything else still shows.
+Set `PYTHONWARNINGS` (e.g. `PYTHONWARNINGS=default`) to see every warning again: the filters below are then
+not installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+
+# (message pattern, why it is harmless here). Matched against both Python warnings and log records.
+KNOWN_HARMLESS: list[tuple[str, str]] = [
+    (r"💡 Tip: .*litlogger", "Lightning's advertisement for its cloud logger, printed by every Trainer"),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+     "torch 2.10+ deprecates an API that Lightning 2.6's _pytree still calls; Lightning's to fix, no effect on results"),
+    (r"Checkpoint directory .* exists and is not empty",
+     "resume= writes into the run's own checkpoints/ on purpose: that is what resuming is"),
+    (r"The dirpath has changed from .*, therefore .* won't be reloaded",
+     "ckpt_path= and mnist-eval start a new run from another run's checkpoint: its best-k bookkeeping belongs to the "
+     "old run and must not be reloaded"),
+    (r"No CUDA runtime is found, using CUDA_HOME",
+     "torch.utils.cpp_extension, imported by torch's compile stack, reports a CUDA toolkit on a machine without a GPU"),
+]
+_PATTERN = re.compile("|".join(f"(?:{pattern})" for pattern, _ in KNOWN_HARMLESS))
+
+
+def is_known_harmless(message: str) -> bool:
+    return _PATTERN.search(message) is not None
+
+
+class KnownNoise(logging.Filter):
+    """Drops the log records (and captured warnings) listed in KNOWN_HARMLESS."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_known_harmless(record.getMessage())
+
+
+class MessageOnly(logging.Formatter):
+    """The console's format: the message alone. A logged traceback (log.exception) goes to train.log only."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage()
+
+
+class BelowWarning(logging.Filter):
+    """Passes INFO and below: the stdout handler's half (warnings and errors go to stderr)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def setup_job_console() -> None:
+    """For the Hydra entry points, once Hydra has configured the job's logging: Lightning's lines go through Hydra's
+    handlers alone (whose KnownNoise filter drops the harmless ones), warnings join the log, and the known-harmless
+    warnings are ignored. The `lightning` package adds its own stderr handler on import, which printed every
+    Lightning line twice."""
+    import lightning  # noqa: F401  (imported here so that its handler exists to be removed)
+
+    logging.getLogger("lightning").handlers.clear()
+    logging.captureWarnings(True)
+    if os.environ.get("PYTHONWARNINGS"):
+        return
+    for pattern, _ in KNOWN_HARMLESS:
+        warnings.filterwarnings("ignore", message=f".*{pattern}")
