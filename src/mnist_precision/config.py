@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -13,7 +15,30 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/mnist_precision/config
 CONF_DIR = PROJECT_ROOT / "conf"
 DEFAULT_LOG_DIR = PROJECT_ROOT / "logs"
 
+
+
+@functools.cache
+def command_name(task: str) -> str:
+    """The console script that runs `<this package>.<task>:main`: `mnist-train` here, whatever a renamed copy calls it.
+
+    From the installed entry points, else from this checkout's pyproject.toml (a copy not yet reinstalled), else
+    `python -m <package>.<task>`. The help texts and messages use it, so a renamed template names its own commands.
+    """
+    target = f"{__package__}.{task}:main"
+    for entry_point in entry_points(group="console_scripts"):
+        if entry_point.value == target:
+            return entry_point.name
+    try:
+        import tomllib
+
+        scripts = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+        return next(name for name, value in scripts.items() if value == target)
+    except (ImportError, OSError, KeyError, StopIteration):
+        return f"python -m {__package__}.{task}"
+
+
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+OmegaConf.register_new_resolver("command", command_name, replace=True)  # ${command:train} in the help texts
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
