@@ -1,0 +1,67 @@
+"""What TensorBoard's HParams tab shows for a run: the knobs that define the experiment and its final metrics.
+
+The whole config has about 70 keys, most of them plumbing (checkpoint paths, `_target_`s); the table, parallel
+coordinates and scatter views compare runs only if they show the few that differ between experiments.
+
+The hparams summary is written to its own event file (`*.hparams`) in the run's TensorBoard directory, replaced at
+the end of every session: TensorBoard keeps the first hparams summary it finds for a run, so after
+`resume=<run> trainer.max_epochs=10` an appended one would still show the first session's `max_epochs: 5`.
+(Lightning's `TensorBoardLogger.log_hyperparams` can only append to the run's event file.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Final metrics shown beside the knobs (each logged as a scalar by the run, or written here).
+METRICS = ("test/acc", "test/loss", "val/acc_best", "throughput/samples_per_sec", "memory/peak_mb", "time/fit_seconds", "time/wall_seconds")
+WRITTEN_HERE = ("memory/peak_mb", "time/fit_seconds", "time/wall_seconds")  # not logged as scalars during the run
+HPARAMS_SUFFIX = ".hparams"
+
+
+def knobs(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that define an experiment, flattened, with class paths shortened to class names."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    scheduler = config["scheduler"]
+    chosen: dict[str, Any] = {
+        "model": _short(config["model"]["_target_"]),
+        **{f"model/{key}": value for key, value in config["model"].items() if not key.startswith("_")},
+        "precision": config["precision"]["name"],
+        **{f"precision/{key}": value for key, value in config["precision"].items() if key != "name"},
+        "optimizer": _short(config["optimizer"]["_target_"]),
+        **{f"optimizer/{key}": config["optimizer"][key] for key in ("lr", "weight_decay", "momentum", "betas") if key in config["optimizer"]},
+        "scheduler": _short(scheduler["lr_scheduler"]["_target_"]) if scheduler.get("lr_scheduler") else "none",
+        **{f"scheduler/{key}": value for key, value in (scheduler.get("lr_scheduler") or {}).items() if not key.startswith("_")},
+        "data/batch_size": config["data"]["batch_size"],
+        "data/normalize": config["data"].get("normalize"),
+        "seed": config["seed"],
+        "matmul_precision": config["matmul_precision"],
+        **{f"trainer/{key}": config["trainer"].get(key) for key in ("max_epochs", "max_steps", "devices", "strategy",
+                                                                     "accumulate_grad_batches", "gradient_clip_val")},
+    }
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in chosen.items()}
+
+
+def _short(target: str) -> str:
+    return target.rsplit(".", 1)[-1]
+
+
+def write_hparams(log_dir: str | Path, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
+    """Replace the run's hparams event file with this session's knobs and final metrics."""
+    from torch.utils.tensorboard.summary import hparams, scalar
+    from torch.utils.tensorboard.writer import FileWriter
+
+    log_dir = Path(log_dir)
+    for old in log_dir.glob(f"*{HPARAMS_SUFFIX}"):
+        old.unlink()
+    final = {name: metrics[name] for name in METRICS if name in metrics}
+    writer = FileWriter(str(log_dir), filename_suffix=HPARAMS_SUFFIX)
+    for summary in hparams(knobs(cfg), final):
+        writer.add_summary(summary)
+    for name in WRITTEN_HERE:
+        if name in final:
+            writer.add_summary(scalar(name, final[name]), step)
+    writer.close()
