@@ -1,6 +1,8 @@
 """Print a Markdown table of a sweep's results: one row per job, from each run dir's metrics.json.
 
     python scripts/precision_table.py logs/multirun/<timestamp>
+
+The first columns are the overrides that differ between the jobs (for a precision sweep: `precision`).
 """
 
 from __future__ import annotations
@@ -12,24 +14,36 @@ from pathlib import Path
 import yaml
 
 
-def row(job: Path) -> list[str]:
-    overrides = " ".join(yaml.safe_load((job / ".hydra/overrides.yaml").read_text()))
+def overrides_of(job: Path) -> dict[str, str]:
+    pairs = (item.split("=", 1) for item in yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) if "=" in item)
+    return {key: value.strip("'\"") for key, value in pairs}  # precision='32' is saved quoted
+
+
+def results(job: Path) -> list[str]:
     metrics = json.loads((job / "metrics.json").read_text()) if (job / "metrics.json").is_file() else {"error": "no metrics.json"}
     if "error" in metrics:
-        return [overrides, "-", "-", "-", "stopped: " + metrics["error"].split(". ")[0]]
+        return ["-", "-", "-", "stopped: " + metrics["error"].split(". ")[0]]
     skipped = metrics.get("precision/skipped_steps")
-    return [overrides, f"{100 * metrics['test/acc']:.2f}", f"{metrics['train/loss_epoch']:.4f}",
-            "-" if skipped is None else str(int(skipped)), ""]
+    scale = metrics.get("precision/loss_scale")
+    return [f"{100 * metrics['test/acc']:.2f}", f"{metrics['train/loss_epoch']:.4f}", "-" if skipped is None else str(int(skipped)),
+            "" if scale is None else f"loss scale ended at {scale:g}"]
+
+
+def table(sweep: Path) -> str:
+    jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name))
+    overrides = [overrides_of(job) for job in jobs]
+    keys = [key for key in dict.fromkeys(k for o in overrides for k in o) if len({o.get(key) for o in overrides}) > 1]
+    lines = ["| " + " | ".join([*keys, "test acc (%)", "final train loss", "skipped steps", "note"]) + " |",
+             "|" + "---|" * (len(keys) + 4)]
+    for job, job_overrides in zip(jobs, overrides, strict=True):
+        lines.append("| " + " | ".join([*(f"`{job_overrides.get(key, '')}`" for key in keys), *results(job)]) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
         sys.exit("usage: python scripts/precision_table.py logs/multirun/<timestamp>")
-    jobs = sorted((p for p in Path(sys.argv[1]).iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name))
-    print("| run | test acc (%) | final train loss | skipped steps | note |")
-    print("|---|---|---|---|---|")
-    for job in jobs:
-        print("| " + " | ".join(row(job)) + " |")
+    print(table(Path(sys.argv[1])))
 
 
 if __name__ == "__main__":

@@ -247,3 +247,23 @@ def test_a_sweep_over_seeds_ends_with_mean_and_spread_of_accuracy_and_fit_time(r
     mean = sum(accuracies) / 2
     summary = next(line for line in result.stdout.splitlines() if line.startswith("sweep of 2 job(s): "))
     assert f"test/acc {mean:.4f} ± " in summary and "time/fit_seconds " in summary, summary
+
+
+def test_a_finished_run_resumed_as_it_was_says_so_and_how_to_train_on(run_main, tmp_path):
+    assert run_main(train_cli.main, "trainer.max_epochs=2").code == 0
+    run_dir = only_run_dir(tmp_path / "logs")
+    again = run_main(train_cli.main, "resume=latest")
+    assert again.code == 1
+    hint = f"mnist-train resume={run_dir} trainer.max_epochs=4"
+    assert again.stderr == f"error: resume={run_dir}: the checkpoint has trained 2 epoch(s), 16 step(s), and trainer.max_epochs=2: " \
+                           f"nothing is left to train. Train on with a larger limit: {hint}\n"
+    assert run_main(train_cli.main, *hint.split()[1:]).code == 0  # the command it gives works
+
+
+def test_ckpt_path_past_the_runs_max_epochs_is_one_message_not_lightnings_exception(run_main, tmp_path):
+    assert run_main(train_cli.main, "trainer.max_epochs=3").code == 0
+    last = only_run_dir(tmp_path / "logs") / "checkpoints/last.ckpt"
+    result = run_main(train_cli.main, f"ckpt_path={last}", "trainer.max_epochs=2")
+    assert result.code == 1 and "Misconfiguration" not in result.stderr
+    assert result.stderr.startswith(f"error: ckpt_path={last}: the checkpoint has trained 3 epoch(s), 24 step(s), and trainer.max_epochs=2")
+    assert run_main(train_cli.main, "trainer.max_steps=24", "trainer.max_epochs=-1", f"ckpt_path={last}").code == 1  # max_steps too

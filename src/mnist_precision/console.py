@@ -26,6 +26,9 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
     (r"The dirpath has changed from .*, therefore .* won't be reloaded",
      "ckpt_path= and mnist-eval start a new run from another run's checkpoint: its best-k bookkeeping belongs to the "
      "old run and must not be reloaded"),
+    (r"Precision (16|bf16)-master is not supported by the model summary",
+     "the summary's size column assumes 32 bits a weight for a precision it does not know; the master copy holds a "
+     "half-precision model plus FP32 masters (48 bits a weight), so no single width is right anyway"),
     (r"No CUDA runtime is found, using CUDA_HOME",
      "torch.utils.cpp_extension, imported by torch's compile stack, reports a CUDA toolkit on a machine without a GPU"),
 ]

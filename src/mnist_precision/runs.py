@@ -10,10 +10,11 @@ Everything here runs before Hydra starts, so a bad argument is reported before a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from mnist_precision.config import DEFAULT_LOG_DIR
+from mnist_precision.config import DEFAULT_LOG_DIR, command_name
 from mnist_precision.errors import UserError
 
 SAVED_OVERRIDES = Path(".hydra") / "overrides.yaml"
@@ -119,9 +120,37 @@ def eval_argv(argv: list[str]) -> list[str]:
         return argv
     ckpt = override_value(argv, "ckpt_path")
     if ckpt is None:
-        raise UserError("mnist-eval needs a checkpoint: mnist-eval ckpt_path=logs/train/<run>/checkpoints/last.ckpt")
+        raise UserError(f"{command_name('eval')} needs a checkpoint: {command_name('eval')} ckpt_path=logs/train/<run>/checkpoints/last.ckpt")
     path = Path(ckpt).expanduser().resolve()
     check_checkpoint(path, f"ckpt_path={ckpt}")
     run_dir = path.parent.parent
     saved = saved_overrides(run_dir) if is_run_dir(run_dir) else []
     return merge_overrides(saved, [arg for arg in argv if override_key(arg) != "ckpt_path"] + [f"ckpt_path='{path}'"])
+
+
+def check_training_left(trainer: Any, ckpt_path: str, how: str) -> None:
+    """A clear error when the checkpoint has already reached the run's limits, instead of Lightning's
+    MisconfigurationException (checkpoint past max_epochs) or a run that silently trains nothing and re-tests.
+
+    `how` is the option that gave the checkpoint (`resume=<run>` or `ckpt_path=<file>`), for the message.
+    """
+    import torch
+    from lightning.pytorch.callbacks import Timer
+
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    epochs = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]  # epochs whose training ended
+    steps = checkpoint["global_step"]
+    done = f"{how}: the checkpoint has trained {epochs} epoch(s), {steps} step(s)"
+    train = command_name("train")
+    if trainer.max_steps != -1 and steps >= trainer.max_steps:
+        raise UserError(f"{done}, and trainer.max_steps={trainer.max_steps}: nothing is left to train. "
+                        f"Train on with a larger limit: {train} {how} trainer.max_steps={steps + trainer.max_steps}")
+    if trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs:
+        raise UserError(f"{done}, and trainer.max_epochs={trainer.max_epochs}: nothing is left to train. "
+                        f"Train on with a larger limit: {train} {how} trainer.max_epochs={epochs + trainer.max_epochs}")
+    timer = next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
+    if timer is not None and "Timer" in checkpoint.get("callbacks", {}):
+        timer.load_state_dict(checkpoint["callbacks"]["Timer"])
+        if timer.time_remaining() <= 0:
+            raise UserError(f"{done}, in {timer.time_elapsed():.0f} s of training: trainer.max_time is used up "
+                            f"(it counts every session of a run). Give a larger trainer.max_time to train on.")

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mnist_precision.config import CONF_DIR
+from mnist_precision.config import CONF_DIR, command_name
 from mnist_precision.console import setup_job_console
 from mnist_precision.errors import TrainingInterrupted, UserError, explain_checkpoint_mismatch, log_job_error, report_user_errors
-from mnist_precision.runs import LAST_CHECKPOINT, train_argv
+from mnist_precision.runs import LAST_CHECKPOINT, check_training_left, train_argv
 
 if TYPE_CHECKING:
     import lightning as L
@@ -34,10 +34,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (resuming if asked), test the best checkpoint, log hparams with the final metrics; return them."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    started = time.perf_counter()
     from mnist_precision.build import build_run
 
     run = build_run(cfg)
     ckpt_path = str(Path(cfg.resume) / LAST_CHECKPOINT) if cfg.resume else cfg.ckpt_path
+    if ckpt_path:
+        check_training_left(run.trainer, ckpt_path, f"resume={cfg.resume}" if cfg.resume else f"ckpt_path={cfg.ckpt_path}")
     try:
         with explain_checkpoint_mismatch(ckpt_path):
             run.fit(ckpt_path)
@@ -47,8 +50,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics.update(fit_time(run.trainer))
     run.test(best_checkpoint(run.trainer), verbose=False)  # the summary block reports the results
     metrics.update(as_floats(run.trainer.callback_metrics))
+    metrics["memory/peak_mb"] = peak_memory_mb(run.trainer)
+    metrics["time/wall_seconds"] = time.perf_counter() - started
     log_hparams_with_metrics(run.trainer, cfg, metrics)
     return metrics
+
+
+def peak_memory_mb(trainer: L.Trainer) -> float:
+    """The run's peak memory: the GPU's allocated tensors on a GPU, else the process's peak resident set (Linux: KiB)."""
+    import resource
+
+    import torch
+
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def interrupted(trainer: L.Trainer) -> TrainingInterrupted:
@@ -62,7 +79,7 @@ def interrupted(trainer: L.Trainer) -> TrainingInterrupted:
     run_dir = Path(last.path).parent.parent
     return TrainingInterrupted(
         f"stopped by {signal.Signals(signum).name} at {where}; the exact state is saved in {last.path}.\n"
-        f"Continue with: mnist-train resume={run_dir}", signum)
+        f"Continue with: {command_name('train')} resume={run_dir}", signum)
 
 
 def fit_time(trainer: L.Trainer) -> dict[str, float]:
@@ -91,12 +108,11 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
 def log_hparams_with_metrics(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    hparams = OmegaConf.to_container(cfg, resolve=True)
-    hparams.pop("paths", None)
-    final = {name: value for name, value in metrics.items() if name.startswith(("test/", "val/acc_best", "time/"))}
+    from mnist_precision.dashboard import write_hparams
+
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(hparams, final)
+        if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+            write_hparams(logger.log_dir, cfg, metrics, trainer.global_step)
             logger.finalize("success")
 
 
@@ -107,7 +123,6 @@ SWEEP_RESULTS: list[dict[str, float]] = []
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """Each run leaves metrics.json in its run dir: the final metrics, or the error that stopped it."""
-    started = time.perf_counter()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     setup_job_console()
@@ -120,7 +135,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise SystemExit(code) from None
         FAILED_SWEEP_JOBS.append(str(run_dir))  # a sweep goes on; main() exits non-zero at the end
         return None
-    metrics["time/wall_seconds"] = time.perf_counter() - started
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     LOG.info(summary(metrics, run_dir))
     if hydra_cfg.mode == RunMode.MULTIRUN:
