@@ -174,14 +174,15 @@ def assert_same_precision_state(a: dict, b: dict) -> None:
         assert same(a.get(plugin), b.get(plugin)), plugin
 
 
-@pytest.mark.parametrize("precision", [
-    ["precision=32"], ["precision=16-mixed"], ["precision=bf16-true"],
-    ["precision=16-master", "precision.growth_interval=3"], ["precision=bf16-master", "precision.loss_scale=dynamic"],
-], ids=["32", "16-mixed", "bf16-true", "16-master", "bf16-master"])
-@pytest.mark.parametrize("stop", ["max_steps", "max_time"])
+PRECISIONS = {"32": ["precision=32"], "16-mixed": ["precision=16-mixed"], "bf16-true": ["precision=bf16-true"],
+              "16-master": ["precision=16-master", "precision.growth_interval=3"], "bf16-master": ["precision=bf16-master", "precision.loss_scale=dynamic"]}
+
+
+# max_steps for every precision; max_time (the same save, triggered by should_stop) for one without and one with a scaler.
+@pytest.mark.parametrize(("stop", "precision"), [*(("max_steps", name) for name in PRECISIONS), ("max_time", "32"), ("max_time", "16-master")])
 def test_a_run_ended_mid_epoch_by_max_steps_or_max_time_resumes_where_it_stopped(make_config, tmp_path, monkeypatch, precision, stop):
     # Step 11 is batch 3 of epoch 1 (8 batches an epoch): resuming from an epoch-end state would skip 5 batches.
-    common = [*precision, "model=convnet", "model.channels=4", "trainer.max_steps=20"]
+    common = [*PRECISIONS[precision], "model=convnet", "model.channels=4", "trainer.max_steps=20"]
     if stop == "max_steps":
         first = ["trainer.max_steps=11"]
     else:
