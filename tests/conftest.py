@@ -111,7 +111,9 @@ def run_cli(tmp_path: Path, mnist_root: Path):
 
     def run(module: str, *args: str, log_dir: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None) -> CliResult:
         env = {**os.environ, "MNIST_ROOT": str(mnist_root), "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", **(env or {})}
-        argv = [sys.executable, "-m", f"mnist_precision.{module}", *FAST, f"paths.log_dir={log_dir or tmp_path / 'logs'}", *args]
+        flags = [arg for arg in args if arg.startswith("-")]  # Hydra wants -m before the overrides
+        overrides = [arg for arg in args if not arg.startswith("-")]
+        argv = [sys.executable, "-m", f"mnist_precision.{module}", *flags, *FAST, f"paths.log_dir={log_dir or tmp_path / 'logs'}", *overrides]
         cwd = tmp_path / "elsewhere"
         cwd.mkdir(exist_ok=True)
         done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -104,6 +104,24 @@ def test_ddp_on_cpu_with_two_processes(run_cli, tmp_path):
     run_dir = only_run_dir(tmp_path / "logs")
     checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4  # 512 training images / 2 ranks / 64 per batch
+    assert result.stdout.count("test/acc=") == 1  # rank 0 alone reports
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 worked in the run's own directory
+
+
+def test_a_sweep_over_ddp_makes_one_sweep_dir_and_each_job_runs_once_on_both_ranks(run_cli, tmp_path):
+    result = run_cli("train", "-m", "trainer=ddp_cpu", "trainer.max_epochs=1", "precision=32,bf16-mixed", timeout=400)
+    assert result.code == 0, result.stderr[-3000:]
+    sweeps = list((tmp_path / "logs/multirun").iterdir())
+    assert len(sweeps) == 1 and not (tmp_path / "logs/train").exists()
+    jobs = sorted(path for path in sweeps[0].iterdir() if path.is_dir())
+    assert [job.name for job in jobs] == ["0", "1"]
+    for job, precision in zip(jobs, ["32", "bf16-mixed"], strict=True):
+        assert "test/acc" in json.loads((job / "metrics.json").read_text())
+        rank_1 = (job / "train_ddp_process_1.log").read_text()  # rank 1 ran this job, in this job's directory
+        job_line = rank_1.splitlines()[0].split()
+        assert "rank 1 of the job" in rank_1 and {f"precision={precision}", f"precision='{precision}'"} & set(job_line)
+        assert torch.load(job / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    assert result.stdout.count("test/acc=") == 2 and result.stdout.count("sweep of 2 job(s)") == 1
 
 
 def test_help_lists_every_config_group_and_its_options(run_main):

@@ -114,7 +114,7 @@ class MNISTClassifier(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, preds, labels = self._eval_step(batch)
         self.val_acc.update(preds, labels)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)  # the mean over every rank's batches (at epoch end)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -127,7 +127,7 @@ class MNISTClassifier(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         loss, preds, labels = self._eval_step(batch)
         self.test_acc(preds, labels)
-        self.log("test/loss", loss, on_epoch=True)
+        self.log("test/loss", loss, on_epoch=True, sync_dist=True)
         self.log("test/acc", self.test_acc, on_epoch=True)
         return {"preds": preds, "labels": labels}
 

@@ -29,6 +29,9 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
     (r"Precision (16|bf16)-master is not supported by the model summary",
      "the summary's size column assumes 32 bits a weight for a precision it does not know; the master copy holds a "
      "half-precision model plus FP32 masters (48 bits a weight), so no single width is right anyway"),
+    (r"It is recommended to use `self.log\('(val/acc|val/acc_best|throughput/samples_per_sec)', \.\.\., sync_dist=True\)`",
+     "under DDP: val/acc and val/acc_best come from torchmetrics' compute(), already reduced over the ranks, and "
+     "samples/s is logged by rank 0 already multiplied by the world size (val/loss and test/loss do sync)"),
     (r"No CUDA runtime is found, using CUDA_HOME",
      "torch.utils.cpp_extension, imported by torch's compile stack, reports a CUDA toolkit on a machine without a GPU"),
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -122,24 +123,79 @@ SWEEP_RESULTS: list[dict[str, float]] = []
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    """Each run leaves metrics.json in its run dir: the final metrics, or the error that stopped it."""
+    """Each run leaves metrics.json in its run dir: the final metrics, or the error that stopped it (rank 0 alone).
+
+    Returns val/acc_best, what a sweeper (Optuna) maximises: tuning on test/acc would fit the test set.
+    """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     setup_job_console()
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # a process Lightning started for another rank (see ddp_rank_argv)
+        LOG.info(f"local rank {os.environ['LOCAL_RANK']} of the job {' '.join(hydra_cfg.overrides.task)}")
+    environment = dict(os.environ)
+    os.environ[DDP_JOB] = json.dumps({"overrides": list(hydra_cfg.overrides.task), "run_dir": str(run_dir)})
     try:
         metrics = train(cfg)
     except Exception as error:
-        (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
         code = log_job_error(error, run_dir / f"{hydra_cfg.job.name}.log")
+        if not is_rank_zero():
+            raise SystemExit(code) from None
+        (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise SystemExit(code) from None
         FAILED_SWEEP_JOBS.append(str(run_dir))  # a sweep goes on; main() exits non-zero at the end
+        return None
+    finally:
+        end_distributed_job(environment)
+    if not is_rank_zero():
         return None
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     LOG.info(summary(metrics, run_dir))
     if hydra_cfg.mode == RunMode.MULTIRUN:
         SWEEP_RESULTS.append(metrics)
-    return metrics["test/acc"]
+    return metrics.get("val/acc_best")
+
+
+DDP_JOB = "MNIST_PRECISION_DDP_JOB"  # rank 0's job (overrides, run dir), for the processes started for other ranks
+
+
+def ddp_rank_argv() -> list[str] | None:
+    """In a process Lightning started for another DDP rank: the command line of rank 0's job, in its directory.
+
+    Lightning starts the other ranks by re-running this script with rank 0's command line (plus `hydra.run.dir`).
+    Under a sweep that line is the whole sweep (`-m precision=32,bf16-mixed`): each rank would run every job and
+    write a second sweep directory, pairing with rank 0's jobs in whatever order. Rank 0 leaves its job's own
+    overrides in the environment the new process inherits; that process runs exactly that job, in its directory,
+    writing only its log (`train_ddp_process_<rank>.log`). Under torchrun or SLURM every rank has its own command
+    line and this does nothing.
+    """
+    job = os.environ.get(DDP_JOB)
+    if job is None or os.environ.get("LOCAL_RANK", "0") == "0":
+        return None
+    job = json.loads(job)
+    rank = os.environ["LOCAL_RANK"]
+    return [*job["overrides"], f"hydra.run.dir='{job['run_dir']}'", "hydra.output_subdir=null", f"hydra.job.name=train_ddp_process_{rank}"]
+
+
+def end_distributed_job(environment: dict[str, str]) -> None:
+    """After a job: close its process group and give back the environment the job started with.
+
+    Lightning's launcher leaves LOCAL_RANK, WORLD_SIZE and MASTER_PORT set in rank 0's environment, and its
+    process group open. In a sweep, the next job's Trainer would then take the ranks as already started by
+    someone else and reuse a group whose other ranks have exited: it must start its own.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
+
+
+def is_rank_zero() -> bool:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0
 
 
 def summary(metrics: dict[str, float], run_dir: Path) -> str:
@@ -174,7 +230,8 @@ def main() -> None:
     FAILED_SWEEP_JOBS.clear()
     SWEEP_RESULTS.clear()
     with report_user_errors():
-        sys.argv[1:] = train_argv(sys.argv[1:])
+        rank_argv = ddp_rank_argv()
+        sys.argv[1:] = train_argv(sys.argv[1:]) if rank_argv is None else rank_argv
         _hydra_main()
         if SWEEP_RESULTS:
             print(sweep_summary(SWEEP_RESULTS), flush=True)
