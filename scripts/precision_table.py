@@ -30,7 +30,7 @@ def results(job: Path) -> list[str]:
 
 
 def table(sweep: Path) -> str:
-    jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name))
+    jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name.split("_")[0]))  # 0_precision=32, 1_...
     overrides = [overrides_of(job) for job in jobs]
     keys = [key for key in dict.fromkeys(k for o in overrides for k in o) if len({o.get(key) for o in overrides}) > 1]
     lines = ["| " + " | ".join([*keys, "test acc (%)", "final train loss", "skipped steps", "note"]) + " |",

@@ -13,13 +13,18 @@ from conftest import files_under
 
 from mnist_precision import eval as eval_cli
 from mnist_precision import train as train_cli
-from mnist_precision.runs import merge_overrides, quote_precision_names
+from mnist_precision.runs import merge_overrides, quote_values
 
 
 def only_run_dir(log_dir: Path, kind: str = "train") -> Path:
     runs = sorted((log_dir / kind).iterdir())
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def sweep_jobs(sweep: Path) -> list[Path]:
+    """A sweep's job directories (`0_<overrides>`, `1_<overrides>`, ...), in job order."""
+    return sorted((path for path in sweep.iterdir() if path.is_dir()), key=lambda path: int(path.name.split("_")[0]))
 
 
 def event_files(run_dir: Path) -> list[Path]:
@@ -90,9 +95,11 @@ def test_multirun_sweeps_precision_and_model(run_main, tmp_path):
     result = run_main(train_cli.main, "-m", "precision=32,bf16-mixed", "model=mlp,cnn", "trainer.max_epochs=1")
     assert result.code == 0, result.stderr
     sweep = only_run_dir(tmp_path / "logs", "multirun")
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    jobs = sweep_jobs(sweep)
     overrides = [yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) for job in jobs]
+    # Each job's directory, and so its TensorBoard run name, says what its overrides are (sorted, then cut at 80).
+    named = [sorted(o.replace("'", "") for o in job if not o.startswith("paths.log_dir=")) for job in overrides]  # paths excluded
+    assert [job.name for job in jobs] == [f"{n}_" + ",".join(job)[:80] for n, job in enumerate(named)]
     combos = {tuple(o for o in job if o.startswith(("precision=", "model="))) for job in overrides}
     assert combos == {(f"precision={p}", f"model={m}") for p in ("'32'", "bf16-mixed") for m in ("mlp", "cnn")}
     assert all((job / "tensorboard").is_dir() for job in jobs)
@@ -113,8 +120,8 @@ def test_a_sweep_over_ddp_makes_one_sweep_dir_and_each_job_runs_once_on_both_ran
     assert result.code == 0, result.stderr[-3000:]
     sweeps = list((tmp_path / "logs/multirun").iterdir())
     assert len(sweeps) == 1 and not (tmp_path / "logs/train").exists()
-    jobs = sorted(path for path in sweeps[0].iterdir() if path.is_dir())
-    assert [job.name for job in jobs] == ["0", "1"]
+    jobs = sweep_jobs(sweeps[0])
+    assert len(jobs) == 2
     for job, precision in zip(jobs, ["32", "bf16-mixed"], strict=True):
         assert "test/acc" in json.loads((job / "metrics.json").read_text())
         rank_1 = (job / "train_ddp_process_1.log").read_text()  # rank 1 ran this job, in this job's directory
@@ -141,7 +148,7 @@ def test_help_lists_every_config_group_and_its_options(run_main):
 def test_override_merging_and_precision_quoting():
     assert merge_overrides(["model=cnn", "trainer.max_epochs=5", "resume=/old"], ["trainer.max_epochs=10"]) == [
         "model=cnn", "trainer.max_epochs=10"]
-    assert quote_precision_names(["precision=32,bf16-mixed", "seed=32"]) == ["precision='32',bf16-mixed", "seed=32"]
+    assert quote_values(["precision=32,bf16-mixed", "seed=32"]) == ["precision='32',bf16-mixed", "seed=32"]
 
 
 # --- bad inputs: one clear message, non-zero exit, nothing written -------------------------------------------------
@@ -235,8 +242,9 @@ def test_a_failing_sweep_job_is_reported_and_the_sweep_goes_on(run_main, tmp_pat
     result = run_main(train_cli.main, "-m", "precision=16-true,32", "optimizer.lr=1e-4", "trainer.max_epochs=1")
     assert result.code == 1 and "1 job(s) of the sweep failed" in result.stderr
     sweep = only_run_dir(tmp_path / "logs", "multirun")
-    assert "precision=16-true" in json.loads((sweep / "0/metrics.json").read_text())["error"]
-    assert 0 <= json.loads((sweep / "1/metrics.json").read_text())["test/acc"] <= 1
+    failed, trained = sweep_jobs(sweep)
+    assert "precision=16-true" in json.loads((failed / "metrics.json").read_text())["error"]
+    assert 0 <= json.loads((trained / "metrics.json").read_text())["test/acc"] <= 1
 
 
 def test_data_dir_that_is_a_file_is_refused(run_main, tmp_path):
@@ -259,7 +267,7 @@ def test_a_sweep_over_seeds_ends_with_mean_and_spread_of_accuracy_and_fit_time(r
     result = run_main(train_cli.main, "-m", "seed=0,1", "trainer.max_epochs=1")
     assert result.code == 0, result.stderr
     sweep = only_run_dir(tmp_path / "logs", "multirun")
-    jobs = [json.loads((sweep / f"{n}/metrics.json").read_text()) for n in (0, 1)]
+    jobs = [json.loads((job / "metrics.json").read_text()) for job in sweep_jobs(sweep)]
     assert all(job["time/fit_seconds"] > 0 for job in jobs)
     accuracies = [job["test/acc"] for job in jobs]
     mean = sum(accuracies) / 2

@@ -3,6 +3,7 @@ the latest session of each run."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -34,4 +35,20 @@ def test_hparams_hold_the_knobs_and_final_metrics_of_the_latest_session(run_main
     assert values["data/batch_size"] == 64 and values["scheduler"] == "none" and values["seed"] == 42
     assert len(values) <= 30 and not [name for name in values if "_target_" in name or "dirpath" in name]
     assert {"test/acc", "test/loss", "val/acc_best", "throughput/samples_per_sec", "memory/peak_mb", "time/wall_seconds"} <= set(metrics)
-    assert len(list((run_dir / "tensorboard").glob("*.hparams"))) == 1
+    assert len(list((run_dir / "tensorboard").glob("*.dashboard"))) == 1
+
+
+def test_a_custom_scalars_layout_overlays_train_and_validation_loss(run_main, tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    assert run_main(train_cli.main, "trainer.max_epochs=1", "precision=16-master").code == 0
+    run_dir = only_run_dir(tmp_path / "logs")
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    assert metadata.CONFIG_SUMMARY_TAG in accumulator.Tags()["tensors"]  # what the Custom Scalars tab reads
+    layout = layout_pb2.Layout.FromString(accumulator.Tensors(metadata.CONFIG_SUMMARY_TAG)[-1].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert charts["loss (train epoch mean, validation)"] == ["train/loss_epoch", "val/loss"]
+    scalars = accumulator.Tags()["scalars"]
+    for tags in charts.values():  # every chart draws something in a 16-master run
+        assert any(re.search(pattern, tag) for pattern in tags for tag in scalars), tags

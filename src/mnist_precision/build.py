@@ -21,7 +21,7 @@ from mnist_precision.config import CONF_DIR, check_config
 from mnist_precision.data import MNISTDataModule
 from mnist_precision.errors import UserError
 from mnist_precision.master_precision import MasterCopyPrecision
-from mnist_precision.runs import quote_precision_names
+from mnist_precision.runs import quote_values
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Run:
 def compose_training_config(overrides: list[str], output_dir: Path) -> DictConfig:
     """The config `mnist-train <overrides>` composes, outside a Hydra run (tests, mnist-bench's workers)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=quote_precision_names(overrides))
+        cfg = compose("train", overrides=quote_values(overrides))
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)  # `${hydra:runtime.output_dir}` has no value outside a run
     return cfg

@@ -37,7 +37,15 @@ def command_name(task: str) -> str:
         return f"python -m {__package__}.{task}"
 
 
+def run_name_suffix(override_dirname: str, limit: int = 80) -> str:
+    """`_precision=16-master,model=cnn`: what a run's overrides change, appended to its directory's name, so TensorBoard's
+    run list and legends say what differs. Empty without overrides; `/` becomes `-`, quotes go, cut at `limit`."""
+    name = override_dirname.replace("/", "-").replace("'", "").replace('"', "")[:limit]
+    return f"_{name}" if name else ""
+
+
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+OmegaConf.register_new_resolver("run_name_suffix", run_name_suffix, replace=True)  # run and sweep-job directory names
 OmegaConf.register_new_resolver("command", command_name, replace=True)  # ${command:train} in the help texts
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")

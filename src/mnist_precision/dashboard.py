@@ -1,10 +1,11 @@
-"""What TensorBoard's HParams tab shows for a run: the knobs that define the experiment and its final metrics.
+"""What TensorBoard shows of a run beyond its scalars: the HParams tab (the knobs that define the experiment and its
+final metrics) and a custom-scalars layout (the charts that compare: losses, accuracy, loss scale, learning rate).
 
 The whole config has about 70 keys, most of them plumbing (checkpoint paths, `_target_`s); the table, parallel
 coordinates and scatter views compare runs only if they show the few that differ between experiments.
 
-The hparams summary is written to its own event file (`*.hparams`) in the run's TensorBoard directory, replaced at
-the end of every session: TensorBoard keeps the first hparams summary it finds for a run, so after
+Both are written to their own event file (`*.dashboard`) in the run's TensorBoard directory, when training starts
+(no metrics yet) and again, replaced, when the run ends: TensorBoard keeps the first hparams summary it finds for a run, so after
 `resume=<run> trainer.max_epochs=10` an appended one would still show the first session's `max_epochs: 5`.
 (Lightning's `TensorBoardLogger.log_hyperparams` can only append to the run's event file.)
 """
@@ -19,7 +20,20 @@ from omegaconf import DictConfig, OmegaConf
 # Final metrics shown beside the knobs (each logged as a scalar by the run, or written here).
 METRICS = ("test/acc", "test/loss", "val/acc_best", "throughput/samples_per_sec", "memory/peak_mb", "time/fit_seconds", "time/wall_seconds")
 WRITTEN_HERE = ("memory/peak_mb", "time/fit_seconds", "time/wall_seconds")  # not logged as scalars during the run
-HPARAMS_SUFFIX = ".hparams"
+DASHBOARD_SUFFIX = ".dashboard"
+
+# TensorBoard's Custom Scalars tab: each chart overlays the tags its regexes match (train and validation loss together).
+LAYOUT = {
+    "compare": {
+        "loss (train epoch mean, validation)": ["Multiline", [r"train/loss_epoch", r"val/loss"]],
+        "accuracy (train, validation, best validation)": ["Multiline", [r"train/acc", r"val/acc"]],
+        "learning rate": ["Multiline", [r"^lr$"]],
+    },
+    "precision": {
+        "loss scale": ["Multiline", [r"precision/loss_scale"]],
+        "skipped steps": ["Multiline", [r"precision/skipped_steps"]],
+    },
+}
 
 
 def knobs(cfg: DictConfig) -> dict[str, Any]:
@@ -49,16 +63,17 @@ def _short(target: str) -> str:
     return target.rsplit(".", 1)[-1]
 
 
-def write_hparams(log_dir: str | Path, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
-    """Replace the run's hparams event file with this session's knobs and final metrics."""
-    from torch.utils.tensorboard.summary import hparams, scalar
+def write_dashboard(log_dir: str | Path, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
+    """Replace the run's dashboard event file: the custom-scalars layout, the knobs and the final metrics so far."""
+    from torch.utils.tensorboard.summary import custom_scalars, hparams, scalar
     from torch.utils.tensorboard.writer import FileWriter
 
     log_dir = Path(log_dir)
-    for old in log_dir.glob(f"*{HPARAMS_SUFFIX}"):
+    for old in log_dir.glob(f"*{DASHBOARD_SUFFIX}"):
         old.unlink()
     final = {name: metrics[name] for name in METRICS if name in metrics}
-    writer = FileWriter(str(log_dir), filename_suffix=HPARAMS_SUFFIX)
+    writer = FileWriter(str(log_dir), filename_suffix=DASHBOARD_SUFFIX)
+    writer.add_summary(custom_scalars(LAYOUT))
     for summary in hparams(knobs(cfg), final):
         writer.add_summary(summary)
     for name in WRITTEN_HERE:

@@ -22,16 +22,30 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 REPLACED_ON_REPLAY = ("resume", "ckpt_path")  # per-invocation keys, never taken from a saved run
 
 
-def quote_precision_names(argv: list[str]) -> list[str]:
-    """`precision=32` -> `precision='32'`: Hydra reads a bare 32 as an int, which it refuses as a config name."""
+PATH_KEYS = ("resume", "ckpt_path", "paths.log_dir", "data.data_dir")
+
+
+def quote_values(argv: list[str]) -> list[str]:
+    """Quote what Hydra's override grammar would misread.
+
+    `precision=32` -> `precision='32'`: Hydra reads a bare 32 as an int, which it refuses as a config name.
+    `resume=logs/train/<time>_precision=16-master,model=cnn` -> quoted: run directories are named after their
+    overrides, and a bare `=` or `,` in a value is a parse error or a sweep to Hydra.
+    """
 
     def quote(option: str) -> str:
         return f"'{option}'" if option.isdigit() else option
 
-    return [
-        "precision=" + ",".join(quote(option) for option in arg.split("=", 1)[1].split(",")) if arg.startswith("precision=") else arg
-        for arg in argv
-    ]
+    def quoted(arg: str) -> str:
+        key = override_key(arg)
+        if key == "precision" and arg.startswith("precision="):
+            return "precision=" + ",".join(quote(option) for option in arg.split("=", 1)[1].split(","))
+        if key in PATH_KEYS and "=" in arg:
+            name, value = arg.split("=", 1)
+            return arg if value[:1] in ("'", '"') or value in ("", "null") else f"{name}='{value}'"
+        return arg
+
+    return [quoted(arg) for arg in argv]
 
 
 def override_key(arg: str) -> str | None:
@@ -93,7 +107,7 @@ def log_dir_from(argv: list[str]) -> Path:
 
 def train_argv(argv: list[str]) -> list[str]:
     """Checks `ckpt_path=`; turns `resume=<run_dir>|latest` into the run's saved overrides + the new ones, run dir pinned."""
-    argv = quote_precision_names(argv)
+    argv = quote_values(argv)
     resume, ckpt = override_value(argv, "resume"), override_value(argv, "ckpt_path")
     if resume and ckpt:
         raise UserError("give either resume=<run_dir> (continue a run) or ckpt_path=<file> (new run from a checkpoint), not both.")
@@ -115,7 +129,7 @@ def train_argv(argv: list[str]) -> list[str]:
 
 def eval_argv(argv: list[str]) -> list[str]:
     """`ckpt_path=<file> ...` -> the overrides of the run that wrote the checkpoint + the new ones."""
-    argv = quote_precision_names(argv)
+    argv = quote_values(argv)
     if any(arg in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info") for arg in argv):
         return argv
     ckpt = override_value(argv, "ckpt_path")

@@ -42,6 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = str(Path(cfg.resume) / LAST_CHECKPOINT) if cfg.resume else cfg.ckpt_path
     if ckpt_path:
         check_training_left(run.trainer, ckpt_path, f"resume={cfg.resume}" if cfg.resume else f"ckpt_path={cfg.ckpt_path}")
+    log_dashboard(run.trainer, cfg, {})  # the layout and the knobs from the start; the metrics at the end
     try:
         with explain_checkpoint_mismatch(ckpt_path):
             run.fit(ckpt_path)
@@ -53,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics.update(as_floats(run.trainer.callback_metrics))
     metrics["memory/peak_mb"] = peak_memory_mb(run.trainer)
     metrics["time/wall_seconds"] = time.perf_counter() - started
-    log_hparams_with_metrics(run.trainer, cfg, metrics)
+    log_dashboard(run.trainer, cfg, metrics)
     return metrics
 
 
@@ -106,15 +107,14 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
     return next((cb.best_model_path for cb in monitored if cb.best_model_path and Path(cb.best_model_path).is_file()), None)
 
 
-def log_hparams_with_metrics(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
+def log_dashboard(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from mnist_precision.dashboard import write_hparams
+    from mnist_precision.dashboard import write_dashboard
 
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-            write_hparams(logger.log_dir, cfg, metrics, trainer.global_step)
-            logger.finalize("success")
+        if isinstance(logger, TensorBoardLogger) and is_rank_zero():  # (the Trainer knows its rank only once fitting)
+            write_dashboard(logger.log_dir, cfg, metrics, trainer.global_step)
 
 
 FAILED_SWEEP_JOBS: list[str] = []
