@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,6 +173,12 @@ BAD_TRAIN_INPUTS = {
     "missing ckpt_path": (["ckpt_path=/nonexistent.ckpt"], "/nonexistent.ckpt does not exist"),
     "guard patience zero": (["callbacks.training_monitor.patience=0"], "callbacks.training_monitor.patience must be >= 1, got 0"),
     "negative kept epochs": (["callbacks.last_checkpoint.keep_every_n_epochs=-1"], "keep_every_n_epochs must be >= 0, got -1"),
+    "a group set to null": (["callbacks=null"], "callbacks=null: a config group takes an option, not null; use callbacks=none"),
+    "trainer.precision": (["+trainer.precision=16-mixed"], "trainer.precision is not read here: precision is its own config group. "
+                          "Use precision=16-mixed"),
+    "unknown model argument": (["+model.compile=true"], "model: mlp() got an unexpected keyword argument 'compile'"),
+    "unknown trainer argument": (["+trainer.nonsense=3"], "trainer: Trainer.__init__() got an unexpected keyword argument 'nonsense'"),
+    "zero-width layer": (["model.hidden=0"], "model: layers with no weights cannot train: 1.weight (0, 784)"),
 }
 
 
@@ -183,7 +191,35 @@ def test_bad_training_input_gets_one_clear_message(run_main, tmp_path, case):
     assert result.code != 0
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
-    assert not list((tmp_path / "logs").glob("*/*/checkpoints"))
+    assert not list((tmp_path / "logs").glob("train/*"))  # a refused run leaves no directory behind
+
+
+@pytest.mark.parametrize("option", ["callbacks=none", "~callbacks", "~callbacks.progress_bar", "logger=none"])
+def test_callbacks_and_loggers_can_be_switched_off(run_main, tmp_path, option):
+    result = run_main(train_cli.main, option, "trainer.max_epochs=1", "trainer.enable_progress_bar=true")
+    assert result.code == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "logs")
+    assert (run_dir / "checkpoints").exists() == (option in ("~callbacks.progress_bar", "logger=none"))
+    assert (run_dir / "tensorboard").exists() == (option != "logger=none")
+    assert ("epoch 1/1" in result.stdout) == (option == "logger=none")  # the progress lines are a callback too
+
+
+def test_a_run_in_use_by_another_process_is_refused_until_that_process_ends(run_main, tmp_path):
+    assert run_main(train_cli.main, "trainer.max_epochs=1").code == 0
+    run_dir = only_run_dir(tmp_path / "logs")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); f.write('4242'); f.flush(); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(run_dir / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = (run_dir / ".hydra/overrides.yaml").read_text()
+        refused = run_main(train_cli.main, f"resume={run_dir}", "trainer.max_epochs=2")
+        assert refused.code == 1 and f"{run_dir} is in use by another process (pid 4242)" in refused.stderr
+        assert (run_dir / ".hydra/overrides.yaml").read_text() == before  # refused before Hydra rewrote the run's files
+    finally:
+        holder.kill()  # the kernel releases its lock, as for a crashed run
+        holder.wait()
+    assert run_main(train_cli.main, f"resume={run_dir}", "trainer.max_epochs=2").code == 0
 
 
 def test_resume_latest_with_no_runs_says_so(run_main, tmp_path):
@@ -283,6 +319,7 @@ def test_a_finished_run_resumed_as_it_was_says_so_and_how_to_train_on(run_main, 
     hint = f"mnist-train resume={run_dir} trainer.max_epochs=4"
     assert again.stderr == f"error: resume={run_dir}: the checkpoint has trained 2 epoch(s), 16 step(s), and trainer.max_epochs=2: " \
                            f"nothing is left to train. Train on with a larger limit: {hint}\n"
+    assert "test/acc" in json.loads((run_dir / "metrics.json").read_text())  # the refusal changed nothing in the run
     assert run_main(train_cli.main, *hint.split()[1:]).code == 0  # the command it gives works
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.plugins import MixedPrecision
@@ -57,24 +58,42 @@ def build_run(cfg: DictConfig) -> Run:
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = MNISTClassifier(
-        net=instantiate(cfg.model),
-        optimizer=instantiate(cfg.optimizer),
-        lr_scheduler=instantiate(cfg.scheduler.lr_scheduler),
+        net=check_has_weights(build("model", cfg.model)),
+        optimizer=build("optimizer", cfg.optimizer),
+        lr_scheduler=build("scheduler", cfg.scheduler.lr_scheduler),
         lr_interval=cfg.scheduler.interval,
     )
-    callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
+    callbacks = [build(f"callbacks.{name}", node) for name, node in (cfg.get("callbacks") or {}).items() if node is not None]
     if not cfg.trainer.enable_progress_bar:  # Lightning refuses a progress bar callback when the bar is off
         callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
     # Lightning calls every hook of every callback on every training step (~2 us each on CPU): a callback with
     # only test hooks (`test_only = True`) joins the trainer when testing starts.
     test_callbacks = [callback for callback in callbacks if getattr(callback, "test_only", False)]
     callbacks = [callback for callback in callbacks if callback not in test_callbacks]
-    loggers = [instantiate(node) for node in (cfg.logger or {}).values() if node is not None]
+    loggers = [build(f"logger.{name}", node) for name, node in (cfg.get("logger") or {}).items() if node is not None]
     precision = precision_arguments(cfg.precision, cfg.trainer, cfg.optimizer)
     plugins = [AtomicCheckpointIO(), *precision.pop("plugins", [])]
     # _convert_: Lightning reads plain dicts (max_time={hours: 12}), not OmegaConf's DictConfig.
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **precision, _convert_="all")
-    return Run(instantiate(cfg.data), model, trainer, test_callbacks)
+    trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **precision, _convert_="all")
+    return Run(build("data", cfg.data), model, trainer, test_callbacks)
+
+
+def build(key: str, node: DictConfig | None, **kwargs: Any) -> Any:
+    """`instantiate(node)`; an argument the target refuses (unknown, wrong type or value) is one message naming the key."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UserError(f"{key}: {detail}") from None
+
+
+def check_has_weights(net: torch.nn.Module) -> torch.nn.Module:
+    """A layer with no weights (a width of 0) trains to chance accuracy without any error: refuse it."""
+    empty = [f"{name} {tuple(parameter.shape)}" for name, parameter in net.named_parameters() if parameter.numel() == 0]
+    if empty:
+        raise UserError(f"model: layers with no weights cannot train: {', '.join(empty)}. Check the model's sizes (model.hidden=0?).")
+    return net
 
 
 def precision_arguments(precision: DictConfig, cfg_trainer: DictConfig, cfg_optimizer: DictConfig) -> dict[str, Any]:

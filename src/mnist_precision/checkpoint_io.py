@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from mnist_precision.errors import UserError
+from mnist_precision.errors import RunFailed
 
 
-class CheckpointSaveError(UserError):
+class CheckpointSaveError(RunFailed):
     """A checkpoint could not be written (disk full, permissions, ...); the previous one is untouched."""
 
 

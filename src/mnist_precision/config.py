@@ -67,6 +67,8 @@ def check_config(cfg: DictConfig) -> None:
         problems += _check_number(cfg, "callbacks.last_checkpoint.keep_every_n_epochs", integer=True, minimum=0)
     if cfg.trainer.get("gradient_clip_val") is not None:
         problems += _check_number(cfg, "trainer.gradient_clip_val", minimum=0)
+    if "precision" in cfg.trainer:  # what a lightning-hydra-template user types; Trainer would take it over ours
+        problems.append(f"trainer.precision is not read here: precision is its own config group. Use precision={cfg.trainer.precision}")
     if cfg.matmul_precision not in ("highest", "high", "medium"):
         problems.append(f"matmul_precision must be highest, high or medium, got {cfg.matmul_precision!r}")
     if cfg.data.on_device not in ("auto", True, False):

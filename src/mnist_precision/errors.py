@@ -16,11 +16,15 @@ class UserError(Exception):
     """Bad input or an unusable environment; the message says what is wrong and how to fix it."""
 
 
-class TrainingDiverged(UserError):
+class RunFailed(UserError):
+    """A run that started and then stopped (its directory keeps what it wrote). Any other UserError is refused input."""
+
+
+class TrainingDiverged(RunFailed):
     """The loss became inf or NaN; training stopped before the optimizer used it."""
 
 
-class TrainingInterrupted(UserError):
+class TrainingInterrupted(RunFailed):
     """SIGTERM/SIGINT stopped training after saving its state; exits 128 + the signal number, as shells do."""
 
     def __init__(self, message: str, signum: int):
@@ -49,7 +53,8 @@ def log_job_error(error: Exception, log_file: Path) -> int:
         return getattr(error, "exit_code", 1)
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    LOG.error(f"error: {type(error).__name__}: {error}\n(the full traceback is in {log_file})", exc_info=error)
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    LOG.error(f"error: {type(error).__name__}: {first_line}\n(the full traceback is in {log_file})", exc_info=error)
     return 1
 
 

@@ -9,12 +9,15 @@ Everything here runs before Hydra starts, so a bad argument is reported before a
 
 from __future__ import annotations
 
+import fcntl
+import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager, Iterator
 
 import yaml
 
-from mnist_precision.config import DEFAULT_LOG_DIR, command_name
+from mnist_precision.config import CONF_DIR, DEFAULT_LOG_DIR, command_name
 from mnist_precision.errors import UserError
 
 SAVED_OVERRIDES = Path(".hydra") / "overrides.yaml"
@@ -105,8 +108,19 @@ def log_dir_from(argv: list[str]) -> Path:
     return Path(value).expanduser().resolve() if value else DEFAULT_LOG_DIR
 
 
+def check_group_overrides(argv: list[str]) -> None:
+    """`callbacks=null` (or ~callbacks... as a group choice): Hydra's own error is a traceback; say what works."""
+    for arg in argv:
+        group, _, value = arg.partition("=")
+        if value == "null" and (CONF_DIR / group).is_dir():
+            none = (CONF_DIR / group / "none.yaml").is_file()
+            fix = f"use {group}=none" if none else "choose one of: " + ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+            raise UserError(f"{arg}: a config group takes an option, not null; {fix}" + (f" (or ~{group}.<name> to drop one)" if none else "."))
+
+
 def train_argv(argv: list[str]) -> list[str]:
     """Checks `ckpt_path=`; turns `resume=<run_dir>|latest` into the run's saved overrides + the new ones, run dir pinned."""
+    check_group_overrides(argv)
     argv = quote_values(argv)
     resume, ckpt = override_value(argv, "resume"), override_value(argv, "ckpt_path")
     if resume and ckpt:
@@ -168,3 +182,35 @@ def check_training_left(trainer: Any, ckpt_path: str, how: str) -> None:
         if timer.time_remaining() <= 0:
             raise UserError(f"{done}, in {timer.time_elapsed():.0f} s of training: trainer.max_time is used up "
                             f"(it counts every session of a run). Give a larger trainer.max_time to train on.")
+
+
+RUN_LOCK = ".lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One process at a time writes a run directory (two `resume=` of one run, or a resume of a run still training).
+
+    An exclusive `flock` on `<run>/.lock`, which the kernel releases when the holder ends, however it ends (SIGKILL
+    included): a crashed run never leaves its directory locked.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{run_dir} is in use by another process (pid {holder}): two processes must not write one run. "
+                            "Wait for it to finish, or stop it (its state is saved on SIGTERM).") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def resume_lock(argv: list[str]) -> ContextManager[None]:
+    """The lock on the run a `resume=` command line continues, taken before Hydra rewrites that run's .hydra/ files."""
+    resume = override_value(argv, "resume")
+    return run_lock(Path(resume)) if resume else nullcontext()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,8 +24,8 @@ from omegaconf import DictConfig
 
 from mnist_precision.config import CONF_DIR, command_name
 from mnist_precision.console import setup_job_console
-from mnist_precision.errors import TrainingInterrupted, UserError, explain_checkpoint_mismatch, log_job_error, report_user_errors
-from mnist_precision.runs import LAST_CHECKPOINT, check_training_left, train_argv
+from mnist_precision.errors import RunFailed, TrainingInterrupted, UserError, explain_checkpoint_mismatch, log_job_error, report_user_errors
+from mnist_precision.runs import LAST_CHECKPOINT, check_training_left, resume_lock, run_lock, train_argv
 
 if TYPE_CHECKING:
     import lightning as L
@@ -134,15 +136,21 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         LOG.info(f"local rank {os.environ['LOCAL_RANK']} of the job {' '.join(hydra_cfg.overrides.task)}")
     environment = dict(os.environ)
     os.environ[DDP_JOB] = json.dumps({"overrides": list(hydra_cfg.overrides.task), "run_dir": str(run_dir)})
+    new_run = not cfg.resume and os.environ.get("LOCAL_RANK", "0") == "0"  # (a resume holds its lock since main())
     try:
-        metrics = train(cfg)
+        with run_lock(run_dir) if new_run else nullcontext():
+            metrics = train(cfg)
     except Exception as error:
         code = log_job_error(error, run_dir / f"{hydra_cfg.job.name}.log")
         if not is_rank_zero():
             raise SystemExit(code) from None
-        (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
         if hydra_cfg.mode != RunMode.MULTIRUN:
+            if not refused_input(error):
+                (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
+            elif not cfg.resume:  # nothing behind: TensorBoard and resume=latest would find an empty run
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise SystemExit(code) from None
+        (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
         FAILED_SWEEP_JOBS.append(str(run_dir))  # a sweep goes on; main() exits non-zero at the end
         return None
     finally:
@@ -198,6 +206,12 @@ def is_rank_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
+def refused_input(error: Exception) -> bool:
+    """Bad input (a UserError that is not a RunFailed): a single run refused for it leaves no directory behind. A sweep
+    keeps its failed jobs' directories, where metrics.json says why."""
+    return isinstance(error, UserError) and not isinstance(error, RunFailed)
+
+
 def summary(metrics: dict[str, float], run_dir: Path) -> str:
     """The end of a run: results, times, and where to look."""
     parts = [f"test/acc={metrics['test/acc']:.4f}"]
@@ -232,7 +246,8 @@ def main() -> None:
     with report_user_errors():
         rank_argv = ddp_rank_argv()
         sys.argv[1:] = train_argv(sys.argv[1:]) if rank_argv is None else rank_argv
-        _hydra_main()
+        with resume_lock(sys.argv[1:]) if rank_argv is None else nullcontext():
+            _hydra_main()
         if SWEEP_RESULTS:
             print(sweep_summary(SWEEP_RESULTS), flush=True)
         if FAILED_SWEEP_JOBS:
