@@ -32,6 +32,8 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
     (r"It is recommended to use `self.log\('(val/acc|val/acc_best|throughput/samples_per_sec)', \.\.\., sync_dist=True\)`",
      "under DDP: val/acc and val/acc_best come from torchmetrics' compute(), already reduced over the ranks, and "
      "samples/s is logged by rank 0 already multiplied by the world size (val/loss and test/loss do sync)"),
+    (r"is an Enum subclass and is now natively supported by torch.compile",
+     "torchao 0.18 registers an Enum with torch's pytree on import, which torch 2.14 deprecates; nothing to do for users"),
     (r"No CUDA runtime is found, using CUDA_HOME",
      "torch.utils.cpp_extension, imported by torch's compile stack, reports a CUDA toolkit on a machine without a GPU"),
 ]

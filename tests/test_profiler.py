@@ -1,0 +1,23 @@
+"""debug=profiler: Lightning's PyTorchProfiler writes a per-layer table and a trace into the run directory."""
+
+from __future__ import annotations
+
+import json
+
+from test_cli import only_run_dir
+
+from mnist_precision import train as train_cli
+
+
+def test_debug_profiler_writes_a_layer_table_and_a_perfetto_trace(run_main, tmp_path):
+    result = run_main(train_cli.main, "debug=profiler", "model=convnet", "model.channels=4")
+    assert result.code == 0, result.stderr
+    profile = only_run_dir(tmp_path / "logs") / "profile"
+    rows = [line.split(" | ") for line in (profile / "layers-fit.md").read_text().splitlines()[2:]]
+    kinds = {row[1] for row in rows}
+    assert {"Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Linear"} <= kinds
+    totals = [float(row[3]) for row in rows]
+    assert totals == sorted(totals, reverse=True) and totals[0] > 0  # slowest first, measured
+    assert rows[0][0] == "| `net`"  # the whole network's forward contains every layer's
+    traces = list(profile.glob("*.pt.trace.json"))
+    assert traces and "traceEvents" in json.loads(traces[0].read_text())
