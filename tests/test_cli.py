@@ -117,6 +117,7 @@ def test_ddp_on_cpu_with_two_processes(run_cli, tmp_path):
     assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 worked in the run's own directory
 
 
+@pytest.mark.slow  # about 15 s: two jobs, each on two processes
 def test_a_sweep_over_ddp_makes_one_sweep_dir_and_each_job_runs_once_on_both_ranks(run_cli, tmp_path):
     result = run_cli("train", "-m", "trainer=ddp_cpu", "trainer.max_epochs=1", "precision=32,bf16-mixed", timeout=400)
     assert result.code == 0, result.stderr[-3000:]
@@ -319,7 +320,11 @@ def test_a_finished_run_resumed_as_it_was_says_so_and_how_to_train_on(run_main, 
     hint = f"mnist-train resume={run_dir} trainer.max_epochs=4"
     assert again.stderr == f"error: resume={run_dir}: the checkpoint has trained 2 epoch(s), 16 step(s), and trainer.max_epochs=2: " \
                            f"nothing is left to train. Train on with a larger limit: {hint}\n"
-    assert "test/acc" in json.loads((run_dir / "metrics.json").read_text())  # the refusal changed nothing in the run
+    # The refusal changed nothing in the run: its metrics, and the overrides Hydra had rewritten before the check.
+    assert "test/acc" in json.loads((run_dir / "metrics.json").read_text())
+    assert "trainer.max_epochs=2" in yaml.safe_load((run_dir / ".hydra/overrides.yaml").read_text())
+    assert run_main(train_cli.main, "resume=latest", "trainer.max_epochs=1").code == 1
+    assert "trainer.max_epochs=2" in yaml.safe_load((run_dir / ".hydra/overrides.yaml").read_text())
     assert run_main(train_cli.main, *hint.split()[1:]).code == 0  # the command it gives works
 
 

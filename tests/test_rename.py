@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 OLD_NAMES = ("mnist_precision", "mnist-precision", "mnist-train", "mnist-eval", "mnist-bench")
 
@@ -26,6 +28,7 @@ def copy_of_this_checkout(target: Path) -> Path:
     return target
 
 
+@pytest.mark.slow  # about 10 s: a copy of the checkout, then part of its test suite
 def test_rename_leaves_no_old_name_and_the_copy_runs_under_its_new_names(tmp_path, mnist_root):
     copy = copy_of_this_checkout(tmp_path / "digits")
     renamed = subprocess.run([sys.executable, "scripts/rename.py", "digits"], cwd=copy, capture_output=True, text=True)

@@ -37,6 +37,7 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
     (r"No CUDA runtime is found, using CUDA_HOME",
      "torch.utils.cpp_extension, imported by torch's compile stack, reports a CUDA toolkit on a machine without a GPU"),
 ]
+TORCH_LOGGERS = ("torch.utils.cpp_extension", "torch.utils._pytree")  # where torch logs the known-harmless lines above
 _PATTERN = re.compile("|".join(f"(?:{pattern})" for pattern, _ in KNOWN_HARMLESS))
 
 
@@ -74,6 +75,9 @@ def setup_job_console() -> None:
 
     logging.getLogger("lightning").handlers.clear()
     logging.captureWarnings(True)
+    for name in TORCH_LOGGERS:  # torch's loggers print through torch's own handler, not Hydra's: filter at the source
+        if not any(isinstance(existing, KnownNoise) for existing in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(KnownNoise())
     if os.environ.get("PYTHONWARNINGS"):
         return
     for pattern, _ in KNOWN_HARMLESS:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ContextManager, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -210,7 +210,20 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def resume_lock(argv: list[str]) -> ContextManager[None]:
-    """The lock on the run a `resume=` command line continues, taken before Hydra rewrites that run's .hydra/ files."""
+@contextmanager
+def resume_guard(argv: list[str]) -> Iterator[Callable[[], None]]:
+    """For a `resume=` command line: the run's lock, taken before Hydra rewrites the run's .hydra/ files, and a function
+    that puts those files back as they were (called when the resume is refused). Without resume=: nothing."""
     resume = override_value(argv, "resume")
-    return run_lock(Path(resume)) if resume else nullcontext()
+    if not resume:
+        yield lambda: None
+        return
+    run_dir = Path(resume)
+    saved = {path: path.read_bytes() for path in (run_dir / ".hydra").glob("*.yaml")}
+
+    def restore() -> None:
+        for path, content in saved.items():
+            path.write_bytes(content)
+
+    with run_lock(run_dir):
+        yield restore

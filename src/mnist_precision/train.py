@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from mnist_precision.config import CONF_DIR, command_name
 from mnist_precision.console import setup_job_console
 from mnist_precision.errors import RunFailed, TrainingInterrupted, UserError, explain_checkpoint_mismatch, log_job_error, report_user_errors
-from mnist_precision.runs import LAST_CHECKPOINT, check_training_left, resume_lock, run_lock, train_argv
+from mnist_precision.runs import LAST_CHECKPOINT, check_training_left, resume_guard, run_lock, train_argv
 
 if TYPE_CHECKING:
     import lightning as L
@@ -120,6 +120,7 @@ def log_dashboard(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]
 
 
 FAILED_SWEEP_JOBS: list[str] = []
+RESTORE_RUN_FILES: list = []  # set by main() for a resume: puts the run's .hydra/ files back if the resume is refused
 SWEEP_RESULTS: list[dict[str, float]] = []
 
 
@@ -149,6 +150,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
                 (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
             elif not cfg.resume:  # nothing behind: TensorBoard and resume=latest would find an empty run
                 shutil.rmtree(run_dir, ignore_errors=True)
+            else:  # the run as it was: Hydra rewrote its .hydra/ files for this refused command
+                for restore in RESTORE_RUN_FILES:
+                    restore()
             raise SystemExit(code) from None
         (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
         FAILED_SWEEP_JOBS.append(str(run_dir))  # a sweep goes on; main() exits non-zero at the end
@@ -246,7 +250,8 @@ def main() -> None:
     with report_user_errors():
         rank_argv = ddp_rank_argv()
         sys.argv[1:] = train_argv(sys.argv[1:]) if rank_argv is None else rank_argv
-        with resume_lock(sys.argv[1:]) if rank_argv is None else nullcontext():
+        with resume_guard(sys.argv[1:] if rank_argv is None else []) as restore_run_files:
+            RESTORE_RUN_FILES[:] = [restore_run_files]
             _hydra_main()
         if SWEEP_RESULTS:
             print(sweep_summary(SWEEP_RESULTS), flush=True)
