@@ -52,3 +52,17 @@ def test_a_custom_scalars_layout_overlays_train_and_validation_loss(run_main, tm
     scalars = accumulator.Tags()["scalars"]
     for tags in charts.values():  # every chart draws something in a 16-master run
         assert any(re.search(pattern, tag) for pattern in tags for tag in scalars), tags
+
+
+def test_logger_many_writes_tensorboard_and_a_csv_with_the_same_metrics(run_main, tmp_path):
+    import csv
+
+    assert run_main(train_cli.main, "logger=many", "trainer.max_epochs=2").code == 0
+    run_dir = only_run_dir(tmp_path / "logs")
+    with open(run_dir / "csv/metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    val_acc = [float(row["val/acc"]) for row in rows if row.get("val/acc")]
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    assert len(val_acc) == 2 and val_acc == [event.value for event in accumulator.Scalars("val/acc")]
+    assert any(row.get("test/acc") for row in rows) and any(row.get("train/loss_step") for row in rows)
