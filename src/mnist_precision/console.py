@@ -26,9 +26,9 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
     (r"The dirpath has changed from .*, therefore .* won't be reloaded",
      "ckpt_path= and mnist-eval start a new run from another run's checkpoint: its best-k bookkeeping belongs to the "
      "old run and must not be reloaded"),
-    (r"Precision (16|bf16)-master is not supported by the model summary",
-     "the summary's size column assumes 32 bits a weight for a precision it does not know; the master copy holds a "
-     "half-precision model plus FP32 masters (48 bits a weight), so no single width is right anyway"),
+    (r"Precision \S+ is not supported by the model summary",
+     "the summary's size column falls back to 32 bits a weight for 16-mixed/bf16-mixed (right: their weights are FP32) "
+     "and for the master copy (a half model plus FP32 masters, 48 bits a weight: no single width is right)"),
     (r"It is recommended to use `self.log\('(val/acc|val/acc_best|throughput/samples_per_sec)', \.\.\., sync_dist=True\)`",
      "under DDP: val/acc and val/acc_best come from torchmetrics' compute(), already reduced over the ranks, and "
      "samples/s is logged by rank 0 already multiplied by the world size (val/loss and test/loss do sync)"),

@@ -17,7 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# Final metrics shown beside the knobs (each logged as a scalar by the run, or written here).
+# Final metrics (each logged as a scalar by the run, or written here); TensorBoard's HParams tab shows them with
+# the run's other scalars.
 METRICS = ("test/acc", "test/loss", "val/acc_best", "throughput/samples_per_sec", "memory/peak_mb", "time/fit_seconds", "time/wall_seconds")
 WRITTEN_HERE = ("memory/peak_mb", "time/fit_seconds", "time/wall_seconds")  # not logged as scalars during the run
 DASHBOARD_SUFFIX = ".dashboard"
@@ -74,8 +75,9 @@ def write_dashboard(log_dir: str | Path, cfg: DictConfig, metrics: dict[str, flo
     final = {name: metrics[name] for name in METRICS if name in metrics}
     writer = FileWriter(str(log_dir), filename_suffix=DASHBOARD_SUFFIX)
     writer.add_summary(custom_scalars(LAYOUT))
-    for summary in hparams(knobs(cfg), final):
-        writer.add_summary(summary)
+    _experiment, session_start, session_end = hparams(knobs(cfg), final)
+    writer.add_summary(session_start)  # no per-run experiment record: TensorBoard then builds the experiment from every
+    writer.add_summary(session_end)    # run's session and shows first the knobs whose values differ between runs
     for name in WRITTEN_HERE:
         if name in final:
             writer.add_summary(scalar(name, final[name]), step)
