@@ -137,7 +137,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         LOG.info(f"local rank {os.environ['LOCAL_RANK']} of the job {' '.join(hydra_cfg.overrides.task)}")
     environment = dict(os.environ)
     os.environ[DDP_JOB] = json.dumps({"overrides": list(hydra_cfg.overrides.task), "run_dir": str(run_dir)})
-    new_run = not cfg.resume and os.environ.get("LOCAL_RANK", "0") == "0"  # (a resume holds its lock since main())
+    # One process locks the run: global rank 0 (torchrun's RANK, SLURM_PROCID, Lightning's LOCAL_RANK; NODE_RANK for a
+    # multi-node launch by hand). A resume holds its lock since main().
+    new_run = not cfg.resume and is_rank_zero() and os.environ.get("NODE_RANK", "0") == "0"
     try:
         with run_lock(run_dir) if new_run else nullcontext():
             metrics = train(cfg)
