@@ -76,3 +76,12 @@ def test_an_unknown_format_and_a_platform_without_int8_are_refused(exported, mon
 def test_a_missing_checkpoint_is_one_message(run_main, tmp_path):
     result = run_main(export_cli.main, f"ckpt_path={tmp_path / 'nope.ckpt'}", fast=False)
     assert result.code == 1 and result.stderr == f"error: ckpt_path={tmp_path / 'nope.ckpt'}: {tmp_path / 'nope.ckpt'} does not exist.\n"
+
+
+def test_a_truncated_checkpoint_is_one_message(run_main, tmp_path):
+    bad = tmp_path / "run/checkpoints/last.ckpt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    result = run_main(export_cli.main, f"ckpt_path={bad}", fast=False)
+    assert result.code == 1 and "is not a readable checkpoint (truncated or corrupt?)" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run/export").exists()
