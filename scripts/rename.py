@@ -5,7 +5,7 @@ NAME is your project's Python package (letters, digits, underscores: `digits`, `
 
     mnist_precision              -> NAME               (the package: src/, conf/ _target_s, tests, pyproject)
     mnist-precision              -> NAME with - for _  (the distribution and the README's title)
-    mnist-train, -eval, -bench   -> NAME-train, ...    (the console scripts)
+    mnist-train, -eval, -bench, -export -> NAME-train, ... (the console scripts)
 
 in every file git tracks, and moves src/mnist_precision to src/NAME. "MNIST" on its own, the dataset, stays.
 Then: `pip install -e ".[dev]" && pytest`.
@@ -21,7 +21,7 @@ from pathlib import Path
 OLD_PACKAGE = "mnist_precision"
 OLD_DIST = "mnist-precision"
 OLD_COMMAND_PREFIX = "mnist-"
-COMMANDS = ("train", "eval", "bench")
+COMMANDS = ("train", "eval", "bench", "export")
 
 
 def replacements(name: str) -> list[tuple[str, str]]:

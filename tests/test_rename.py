@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OLD_NAMES = ("mnist_precision", "mnist-precision", "mnist-train", "mnist-eval", "mnist-bench")
+OLD_NAMES = ("mnist_precision", "mnist-precision", "mnist-train", "mnist-eval", "mnist-bench", "mnist-export")
 
 
 def copy_of_this_checkout(target: Path) -> Path:
