@@ -16,7 +16,6 @@ CONF_DIR = PROJECT_ROOT / "conf"
 DEFAULT_LOG_DIR = PROJECT_ROOT / "logs"
 
 
-
 @functools.cache
 def command_name(task: str) -> str:
     """The console script that runs `<this package>.<task>:main`: `mnist-train` here, whatever a renamed copy calls it.

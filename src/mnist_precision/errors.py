@@ -42,12 +42,16 @@ def exit_with(error: UserError) -> NoReturn:
     raise SystemExit(getattr(error, "exit_code", 1)) from None
 
 
-def log_job_error(error: Exception, log_file: Path) -> int:
+def log_job_error(error: Exception) -> int:
     """Inside a Hydra job: one `error: ...` line on stderr and in the job's log; returns the exit status.
 
     Anything but a UserError is a bug or an environment problem nobody anticipated: still one line on the
     console, saying where the full traceback was written (the log file). HYDRA_FULL_ERROR=1 re-raises it instead.
     """
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get()
+    log_file = Path(job.runtime.output_dir) / f"{job.job.name}.log"  # as conf/hydra/job_logging/console.yaml names it
     if isinstance(error, UserError):
         LOG.error(f"error: {error}")
         return getattr(error, "exit_code", 1)

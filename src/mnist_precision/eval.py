@@ -30,13 +30,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def _hydra_main(cfg: DictConfig) -> float:
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     setup_job_console()
     try:
         metrics = evaluate(cfg)
     except Exception as error:
-        raise SystemExit(log_job_error(error, run_dir / f"{hydra_cfg.job.name}.log")) from None
+        raise SystemExit(log_job_error(error)) from None
     LOG.info(f"test/acc={metrics['test/acc']:.4f}  test/loss={metrics['test/loss']:.4f}\ncheckpoint: {cfg.ckpt_path}\nrun dir: {run_dir}")
     return metrics["test/acc"]
 

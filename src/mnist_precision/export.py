@@ -16,6 +16,7 @@ them into int8 kernels, so `export.compile=true` also reports compiled latency.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import statistics
 import sys
@@ -35,6 +36,7 @@ from mnist_precision.data import MNIST_MEAN, MNIST_STD, read_split
 from mnist_precision.errors import UserError, log_job_error, report_user_errors
 from mnist_precision.runs import eval_argv, override_value
 
+LOG = logging.getLogger("mnist_precision")
 FLOAT_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = (*FLOAT_TYPES, "int8")
 
@@ -180,15 +182,13 @@ def markdown_table(results: dict[str, dict[str, float | str]]) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def _hydra_main(cfg: DictConfig) -> None:
-    hydra_cfg = HydraConfig.get()
-    out_dir = Path(hydra_cfg.runtime.output_dir)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     setup_job_console()
     try:
         results = export(cfg, out_dir)
     except Exception as error:
-        raise SystemExit(log_job_error(error, out_dir / f"{hydra_cfg.job.name}.log")) from None
-    table = markdown_table(results)
-    print(f"{table}exported to {out_dir}", flush=True)
+        raise SystemExit(log_job_error(error)) from None
+    LOG.info(f"{markdown_table(results)}exported to {out_dir}")  # on the console and in export.log
 
 
 def export_argv(argv: list[str]) -> list[str]:

@@ -144,19 +144,19 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         with run_lock(run_dir) if new_run else nullcontext():
             metrics = train(cfg)
     except Exception as error:
-        code = log_job_error(error, run_dir / f"{hydra_cfg.job.name}.log")
+        code = log_job_error(error)
         if not is_rank_zero():
             raise SystemExit(code) from None
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            if not refused_input(error):
-                (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
-            elif not cfg.resume:  # nothing behind: TensorBoard and resume=latest would find an empty run
-                shutil.rmtree(run_dir, ignore_errors=True)
-            else:  # the run as it was: Hydra rewrote its .hydra/ files for this refused command
-                for restore in RESTORE_RUN_FILES:
-                    restore()
+        sweep = hydra_cfg.mode == RunMode.MULTIRUN
+        if sweep or not refused_input(error):
+            (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
+        elif not cfg.resume:  # nothing behind: TensorBoard and resume=latest would find an empty run
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:  # the run as it was: Hydra rewrote its .hydra/ files for this refused command
+            for restore in RESTORE_RUN_FILES:
+                restore()
+        if not sweep:
             raise SystemExit(code) from None
-        (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
         FAILED_SWEEP_JOBS.append(str(run_dir))  # a sweep goes on; main() exits non-zero at the end
         return None
     finally:
