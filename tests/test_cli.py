@@ -26,7 +26,7 @@ def only_run_dir(log_dir: Path, kind: str = "train") -> Path:
 
 def sweep_jobs(sweep: Path) -> list[Path]:
     """A sweep's job directories (`0_<overrides>`, `1_<overrides>`, ...), in job order."""
-    return sorted((path for path in sweep.iterdir() if path.is_dir()), key=lambda path: int(path.name.split("_")[0]))
+    return sorted((path for path in sweep.iterdir() if path.is_dir() and path.name[0].isdigit()), key=lambda path: int(path.name.split("_")[0]))
 
 
 def event_files(run_dir: Path) -> list[Path]:
@@ -114,7 +114,7 @@ def test_ddp_on_cpu_with_two_processes(run_cli, tmp_path):
     checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4  # 512 training images / 2 ranks / 64 per batch
     assert result.stdout.count("test/acc=") == 1  # rank 0 alone reports
-    assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 worked in the run's own directory
+    assert (run_dir / "train_rank_1.log").is_file()  # rank 1 worked in the run's own directory
 
 
 @pytest.mark.slow  # about 15 s: two jobs, each on two processes
@@ -127,7 +127,7 @@ def test_a_sweep_over_ddp_makes_one_sweep_dir_and_each_job_runs_once_on_both_ran
     assert len(jobs) == 2
     for job, precision in zip(jobs, ["32", "bf16-mixed"], strict=True):
         assert "test/acc" in json.loads((job / "metrics.json").read_text())
-        rank_1 = (job / "train_ddp_process_1.log").read_text()  # rank 1 ran this job, in this job's directory
+        rank_1 = (job / "train_rank_1.log").read_text()  # rank 1 ran this job, in this job's directory
         job_line = rank_1.splitlines()[0].split()
         assert "rank 1 of the job" in rank_1 and {f"precision={precision}", f"precision='{precision}'"} & set(job_line)
         assert torch.load(job / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
@@ -168,6 +168,11 @@ BAD_TRAIN_INPUTS = {
     "bad on_device": (["data.on_device=maybe"], "data.on_device must be auto, true or false, got 'maybe'"),
     "gpu without gpu": (["trainer=gpu"], "torch sees no CUDA GPU here"),
     "too many devices": (["trainer=ddp_cpu", "trainer.devices=64"], "trainer.devices=64 but this machine has"),
+    "zero nodes": (["trainer.num_nodes=0"], "trainer.num_nodes must be a positive integer, got 0"),
+    "nodes without a cluster": (["trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2"],
+                                "trainer.num_nodes=2 but this process is not one of several nodes: run it under SLURM"),
+    "a launcher for a single run": (["hydra/launcher=submitit_local"], "hydra/launcher=submitit_local launches the jobs of a sweep, "
+                                    "and this is a single run: add -m"),
     "resume missing dir": (["resume=/nonexistent/run"], "resume=/nonexistent/run: /nonexistent/run is not a directory"),
     "resume and ckpt_path": (["resume=latest", "ckpt_path=x.ckpt"], "not both"),
     "resume in a sweep": (["-m", "resume=latest"], "cannot be combined with -m/--multirun"),

@@ -4,11 +4,13 @@ batches each), and the output, tags and table columns the README shows are the o
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_precision import eval as eval_cli
@@ -28,6 +30,16 @@ def documented_commands() -> list[str]:
             if found:
                 commands.append(found.group(0))
     return commands + re.findall(r"\| `(mnist-train [^`]*)` \|", README)
+
+
+CLUSTER_MISSING = ("submits SLURM jobs with sbatch, which is not on this machine's PATH", "torch sees no CUDA GPU here",
+                   "is not one of several nodes")
+
+
+def needs_a_cluster(command: str) -> bool:
+    """README's GPU, multi-node and SLURM commands: with no GPU and no sbatch here, each must be refused cleanly."""
+    needs = ("hydra/launcher=slurm" in command and shutil.which("sbatch") is None) or "trainer.num_nodes=2" in command
+    return needs or (("trainer=ddp " in command or "trainer=gpu" in command) and not torch.cuda.is_available())
 
 
 def shape(text: str) -> str:
@@ -52,6 +64,11 @@ def test_every_documented_command_runs_and_prints_what_the_readme_shows(run_main
             command = command.replace("logs/multirun/<timestamp>", str(latest("multirun")))
         name, *args = command.split()
         main = train_cli.main if name == "mnist-train" else eval_cli.main
+        if needs_a_cluster(command):  # here: refused before anything starts, in one message saying what is missing
+            result = run_main(main, *args)
+            assert result.code == 1 and "Traceback" not in result.stderr, (command, result.stderr[-2000:])
+            assert any(reason in result.stderr for reason in CLUSTER_MISSING), (command, result.stderr[-2000:])
+            continue
         if "ddp" in command:  # Lightning starts the other ranks by re-running the process's command: not pytest's
             result = run_cli(name.removeprefix("mnist-"), *args, *FEW_BATCHES, "trainer.enable_progress_bar=true", timeout=400)
         else:

@@ -61,8 +61,9 @@ class LastCheckpoint(ModelCheckpoint):
     epoch end: by then Lightning's fit loop counts the epoch as done, and a resumed run would skip the rest of it.
 
     Preemption: Lightning already turns SIGTERM (SLURM, cloud preemption) into a `SIGTERMException` at the
-    next batch boundary, on every DDP rank, and calls `on_exception`; here SIGINT is routed the same way,
-    and the exact state at that boundary (loops, data position, RNG, precision plugin) is saved.
+    next batch boundary, on every DDP rank, and calls `on_exception`; here SIGINT, and under SLURM its
+    pre-timeout signal, are routed the same way, and the exact state at that boundary (loops, data position,
+    RNG, precision plugin) is saved. (mnist-train then requeues a SLURM job: train.interrupted.)
     """
 
     def __init__(self, dirpath: str, every_n_epochs: int = 1, every_n_train_steps: int = 0, keep_every_n_epochs: int = 0):
@@ -74,7 +75,7 @@ class LastCheckpoint(ModelCheckpoint):
         self.keep_every_n_epochs = keep_every_n_epochs
         self.signal: int | None = None  # the signal that stopped training, if one did
         self.saved_on_signal = False
-        self._previous_sigint: Any = None
+        self._previous_handlers: dict[int, Any] = {}  # of the signals routed to SIGTERM while training
         self._batch_idx = -1  # the last trained batch of this epoch
         self._saved_mid_epoch_at = -1  # the global step of the exact mid-epoch save, if the run stopped there
         self._cut_short: tuple[int, int, int] | None = None  # (epoch, batches trained, batches) of an inexact save
@@ -149,27 +150,37 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            for signum in self._routed_signals():
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        self.signal = signal.SIGINT
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+    @staticmethod
+    def _routed_signals() -> tuple[int, ...]:
+        """Ctrl-C, and under SLURM the signal it sends before the time limit: SIGUSR1 (`sbatch --signal=USR1@120`,
+        what Lightning expects) or SIGUSR2 (what submitit asks for). Lightning's own handler for it saves where the
+        signal lands, mid-step; routed through SIGTERM, the state is saved at the next batch boundary, on every rank."""
+        return (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2) if "SLURM_JOB_ID" in os.environ else (signal.SIGINT,)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
         os.kill(os.getpid(), signal.SIGTERM)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_sigint()
+        self._restore_signals()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_sigint()
+        self._restore_signals()
         if isinstance(exception, SIGTERMException):
             self.signal = self.signal or signal.SIGTERM
             self._save(trainer, self.path)
             self.saved_on_signal = True
 
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+    def _restore_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+            self._previous_handlers.clear()
 
 
 class TrainingMonitor(L.Callback):

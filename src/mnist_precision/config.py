@@ -73,6 +73,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.data.on_device not in ("auto", True, False):
         problems.append(f"data.on_device must be auto, true or false, got {cfg.data.on_device!r}")
     problems += _check_devices(cfg.trainer)
+    problems += _check_nodes(cfg.trainer)
     if problems:
         raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -108,3 +109,21 @@ def _check_devices(trainer: DictConfig) -> list[str]:
     if devices > available:
         return [f"trainer.devices={devices} but this machine has {available} {kind}"]
     return []
+
+
+def _check_nodes(trainer: DictConfig) -> list[str]:
+    """Several machines need a launcher that starts and numbers the other nodes; without one, rank 0 would wait
+    for nodes that never come."""
+    nodes = trainer.get("num_nodes", 1)
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        return [f"trainer.num_nodes must be a positive integer, got {nodes!r}"]
+    if nodes == 1:
+        return []
+    from lightning.fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    launched = any(environment.detect() for environment in (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment))
+    if launched or {"NODE_RANK", "MASTER_ADDR"} <= os.environ.keys():
+        return []
+    return [f"trainer.num_nodes={nodes} but this process is not one of several nodes: run it under SLURM "
+            "(hydra/launcher=submitit_slurm), torchrun, or start it on each node with NODE_RANK, MASTER_ADDR and MASTER_PORT set "
+            "(README: Scaling out)"]

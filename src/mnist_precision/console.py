@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import warnings
+from pathlib import Path
 
 # (message pattern, why it is harmless here). Matched against both Python warnings and log records.
 KNOWN_HARMLESS: list[tuple[str, str]] = [
@@ -36,6 +37,11 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
      "torchao 0.18 registers an Enum with torch's pytree on import, which torch 2.14 deprecates; nothing to do for users"),
     (r"No CUDA runtime is found, using CUDA_HOME",
      "torch.utils.cpp_extension, imported by torch's compile stack, reports a CUDA toolkit on a machine without a GPU"),
+    (r"SLURM auto-requeueing enabled\. Setting signal handlers\.",
+     "under SLURM, printed by each fit and test: while training, LastCheckpoint's exact save-and-requeue takes the signal"),
+    (r"(Received|Bypassing) SIGTERM: 15",
+     "Lightning's notice of a SIGTERM, printed per process; the error line says which signal stopped training and where "
+     "the state was saved"),
 ]
 TORCH_LOGGERS = ("torch.utils.cpp_extension", "torch.utils._pytree")  # where torch logs the known-harmless lines above
 _PATTERN = re.compile("|".join(f"(?:{pattern})" for pattern, _ in KNOWN_HARMLESS))
@@ -82,3 +88,18 @@ def setup_job_console() -> None:
         return
     for pattern, _ in KNOWN_HARMLESS:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
+
+
+def use_job_log(path: Path) -> None:
+    """Send what Hydra's job logging writes to the job's log file to `path` instead: for the other processes of a DDP
+    job, which share the job's directory (train.log is rank 0's)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        replacement = logging.FileHandler(path)
+        replacement.setFormatter(handler.formatter)
+        replacement.setLevel(handler.level)
+        for log_filter in handler.filters:
+            replacement.addFilter(log_filter)
+        root.removeHandler(handler)
+        handler.close()
+        root.addHandler(replacement)

@@ -40,6 +40,7 @@ def knobs(cfg: DictConfig) -> dict[str, Any]:
     """The settings that define an experiment, flattened, with class paths shortened to class names."""
     config = OmegaConf.to_container(cfg, resolve=True)
     scheduler = config["scheduler"]
+    strategy = config["trainer"].get("strategy")
     chosen: dict[str, Any] = {
         "model": _short(config["model"]["_target_"]),
         **{f"model/{key}": value for key, value in config["model"].items() if not key.startswith("_")},
@@ -53,8 +54,9 @@ def knobs(cfg: DictConfig) -> dict[str, Any]:
         "data/normalize": config["data"].get("normalize"),
         "seed": config["seed"],
         "matmul_precision": config["matmul_precision"],
-        **{f"trainer/{key}": config["trainer"].get(key) for key in ("max_epochs", "max_steps", "devices", "strategy",
+        **{f"trainer/{key}": config["trainer"].get(key) for key in ("max_epochs", "max_steps", "devices", "num_nodes",
                                                                      "accumulate_grad_batches", "gradient_clip_val")},
+        "trainer/strategy": _short(strategy["_target_"]) if isinstance(strategy, dict) else strategy,
     }
     return {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in chosen.items()}
 

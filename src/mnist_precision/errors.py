@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator, NoReturn
 
 LOG = logging.getLogger("mnist_precision")
@@ -48,10 +47,7 @@ def log_job_error(error: Exception) -> int:
     Anything but a UserError is a bug or an environment problem nobody anticipated: still one line on the
     console, saying where the full traceback was written (the log file). HYDRA_FULL_ERROR=1 re-raises it instead.
     """
-    from hydra.core.hydra_config import HydraConfig
-
-    job = HydraConfig.get()
-    log_file = Path(job.runtime.output_dir) / f"{job.job.name}.log"  # as conf/hydra/job_logging/console.yaml names it
+    log_file = next((h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), "the job's log")
     if isinstance(error, UserError):
         LOG.error(f"error: {error}")
         return getattr(error, "exit_code", 1)
@@ -83,4 +79,26 @@ def explain_checkpoint_mismatch(ckpt_path: str | None) -> Iterator[None]:
         raise UserError(
             f"{ckpt_path} was written for a different model than the one configured ({detail[:200]}). "
             "Pass the model= (and precision=) the checkpoint was trained with."
+        ) from None
+
+
+@contextmanager
+def explain_failed_rendezvous(trainer) -> Iterator[None]:
+    """DDP processes that never all met (a node not started, or a wrong MASTER_ADDR/MASTER_PORT): what was waited for,
+    for how long, and how to start the others, instead of torch's DistStoreError. The wait is bounded by the DDP
+    strategy's timeout (conf/trainer/ddp.yaml)."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except (dist.DistStoreError, dist.DistNetworkError) as error:
+        if trainer.global_step > 0:  # not the start: a process that stopped answering mid-run
+            raise
+        where = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '?')}"
+        detail = str(error).strip().splitlines()[0]
+        raise UserError(
+            f"the {trainer.world_size} DDP processes (trainer.num_nodes={trainer.num_nodes} x {trainer.num_devices} devices) did not "
+            f"all meet at {where} ({detail}). Start every node with the same command, each with its own NODE_RANK "
+            f"(0 to {trainer.num_nodes - 1}) and the same MASTER_ADDR and MASTER_PORT, or launch through SLURM or torchrun. "
+            "The wait is trainer.strategy.timeout."
         ) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -118,9 +119,32 @@ def check_group_overrides(argv: list[str]) -> None:
             raise UserError(f"{arg}: a config group takes an option, not null; {fix}" + (f" (or ~{group}.<name> to drop one)" if none else "."))
 
 
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info")  # Hydra prints and exits: nothing runs
+SUBMITIT_LAUNCHERS = ("slurm", "submitit_slurm", "submitit_local")  # conf/hydra/launcher/slurm.yaml and the plugin's own
+
+
+def check_launcher(argv: list[str]) -> None:
+    """`hydra/launcher=slurm`: Hydra uses a launcher only for a sweep, and the submitit one needs its plugin and sbatch."""
+    launcher = override_value(argv, "hydra/launcher")
+    if launcher is None or launcher == "basic" or any(arg.split("=")[0] in INFO_FLAGS for arg in argv):
+        return
+    if not any(arg in ("-m", "--multirun") for arg in argv):
+        raise UserError(f"hydra/launcher={launcher} launches the jobs of a sweep, and this is a single run: add -m (a sweep of one job).")
+    if launcher not in SUBMITIT_LAUNCHERS:
+        return
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+    except ImportError:
+        raise UserError(f"hydra/launcher={launcher} needs Hydra's submitit launcher: pip install 'mnist-precision[slurm]'") from None
+    if launcher != "submitit_local" and shutil.which("sbatch") is None:
+        raise UserError(f"hydra/launcher={launcher} submits SLURM jobs with sbatch, which is not on this machine's PATH. Run it where "
+                        "sbatch works (the cluster's login node), or try the same sweep here with hydra/launcher=submitit_local.")
+
+
 def train_argv(argv: list[str]) -> list[str]:
     """Checks `ckpt_path=`; turns `resume=<run_dir>|latest` into the run's saved overrides + the new ones, run dir pinned."""
     check_group_overrides(argv)
+    check_launcher(argv)
     argv = quote_values(argv)
     resume, ckpt = override_value(argv, "resume"), override_value(argv, "ckpt_path")
     if resume and ckpt:
@@ -144,7 +168,7 @@ def train_argv(argv: list[str]) -> list[str]:
 def eval_argv(argv: list[str]) -> list[str]:
     """`ckpt_path=<file> ...` -> the overrides of the run that wrote the checkpoint + the new ones."""
     argv = quote_values(argv)
-    if any(arg in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info") for arg in argv):
+    if any(arg.split("=")[0] in INFO_FLAGS for arg in argv):
         return argv
     ckpt = override_value(argv, "ckpt_path")
     if ckpt is None:
@@ -227,3 +251,58 @@ def resume_guard(argv: list[str]) -> Iterator[Callable[[], None]]:
 
     with run_lock(run_dir):
         yield restore
+
+
+def launch_rank() -> str:
+    """This process's rank as its launcher numbered it, known before any Trainer exists: "0" for the launch's first
+    process, which alone locks the run and writes its results. torchrun sets RANK and SLURM sets SLURM_PROCID; Lightning
+    sets LOCAL_RANK in the processes it starts, and a node started by hand has NODE_RANK ("1.0": node 1, process 0)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "0") != "0":
+            return os.environ[name]
+    node, local = os.environ.get("NODE_RANK", "0"), os.environ.get("LOCAL_RANK", "0")
+    return local if node == "0" else f"{node}.{local}"
+
+
+SLURM_JOB_FILE = "slurm_job_id"  # in a run dir: the SLURM job that last trained it, found again when SLURM requeues it
+
+
+def slurm_job_id() -> str | None:
+    """The id `scontrol requeue` takes: `<array job>_<task>` for an array job (a sweep through submitit), else the job's."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def is_requeued_slurm_job() -> bool:
+    """SLURM counts a job's restarts (requeued by `scontrol requeue`, by preemption, or after a node failed)."""
+    return slurm_job_id() is not None and os.environ.get("SLURM_RESTART_COUNT", "0") != "0"
+
+
+def trained_by_this_slurm_job(run_dir: Path) -> bool:
+    job_file = run_dir / SLURM_JOB_FILE
+    return job_file.is_file() and job_file.read_text().strip() == slurm_job_id() and (run_dir / LAST_CHECKPOINT).is_file()
+
+
+def requeued_run(log_dir: Path) -> Path | None:
+    """In a requeued SLURM job: the run this job was training before, to resume in place. The sbatch script runs
+    the same command again, and a new run directory would start from scratch."""
+    if not is_requeued_slurm_job():
+        return None
+    runs = [path.parent for path in (*log_dir.glob(f"train/*/{SLURM_JOB_FILE}"), *log_dir.glob(f"multirun/*/*/{SLURM_JOB_FILE}"))]
+    return next((run for run in runs if trained_by_this_slurm_job(run)), None)
+
+
+def requeue_slurm_job() -> str:
+    """`scontrol requeue <this job>`: SLURM ends the job and queues it again; it resumes the run (requeued_run). Returns
+    what happened, for the message."""
+    import subprocess
+
+    job_id = slurm_job_id()
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"could not requeue SLURM job {job_id} ({error})"
+    if done.returncode != 0:
+        return f"could not requeue SLURM job {job_id}: scontrol said {(done.stderr or done.stdout).strip()!r}"
+    return f"requeued SLURM job {job_id}: it resumes this run when it starts again"

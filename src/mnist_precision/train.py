@@ -15,17 +15,40 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from mnist_precision.config import CONF_DIR, command_name
-from mnist_precision.console import setup_job_console
-from mnist_precision.errors import RunFailed, TrainingInterrupted, UserError, explain_checkpoint_mismatch, log_job_error, report_user_errors
-from mnist_precision.runs import LAST_CHECKPOINT, check_training_left, resume_guard, run_lock, train_argv
+from mnist_precision.console import setup_job_console, use_job_log
+from mnist_precision.errors import (
+    RunFailed,
+    TrainingInterrupted,
+    UserError,
+    explain_checkpoint_mismatch,
+    explain_failed_rendezvous,
+    log_job_error,
+    report_user_errors,
+)
+from mnist_precision.runs import (
+    LAST_CHECKPOINT,
+    SLURM_JOB_FILE,
+    check_training_left,
+    launch_rank,
+    log_dir_from,
+    override_value,
+    requeue_slurm_job,
+    requeued_run,
+    resume_guard,
+    run_lock,
+    slurm_job_id,
+    train_argv,
+    trained_by_this_slurm_job,
+)
 
 if TYPE_CHECKING:
     import lightning as L
@@ -46,7 +69,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_training_left(run.trainer, ckpt_path, f"resume={cfg.resume}" if cfg.resume else f"ckpt_path={cfg.ckpt_path}")
     log_dashboard(run.trainer, cfg, {})  # the layout and the knobs from the start; the metrics at the end
     try:
-        with explain_checkpoint_mismatch(ckpt_path):
+        with explain_checkpoint_mismatch(ckpt_path), explain_failed_rendezvous(run.trainer):
             run.fit(ckpt_path)
     except SIGTERMException:
         raise interrupted(run.trainer) from None
@@ -81,9 +104,13 @@ def interrupted(trainer: L.Trainer) -> TrainingInterrupted:
     if last is None or not last.saved_on_signal:
         return TrainingInterrupted(f"stopped by {signal.Signals(signum).name} at {where}; no checkpoint was saved.", signum)
     run_dir = Path(last.path).parent.parent
-    return TrainingInterrupted(
-        f"stopped by {signal.Signals(signum).name} at {where}; the exact state is saved in {last.path}.\n"
-        f"Continue with: {command_name('train')} resume={run_dir}", signum)
+    saved = f"stopped by {signal.Signals(signum).name} at {where}; the exact state is saved in {last.path}."
+    if signum in (signal.SIGUSR1, signal.SIGUSR2) and slurm_job_id():  # SLURM's warning before the time limit
+        requeued = requeue_slurm_job() if trainer.is_global_zero else ""
+        if requeued.startswith("requeued"):
+            return TrainingInterrupted(f"{saved} {requeued}.", signum)
+        saved += f" {requeued}."
+    return TrainingInterrupted(f"{saved}\nContinue with: {command_name('train')} resume={run_dir}", signum)
 
 
 def fit_time(trainer: L.Trainer) -> dict[str, float]:
@@ -119,9 +146,27 @@ def log_dashboard(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]
             write_dashboard(logger.log_dir, cfg, metrics, trainer.global_step)
 
 
-FAILED_SWEEP_JOBS: list[str] = []
+LOCKED_BY_MAIN: list[str] = []  # the run dir main() locked for a resume
 RESTORE_RUN_FILES: list = []  # set by main() for a resume: puts the run's .hydra/ files back if the resume is refused
-SWEEP_RESULTS: list[dict[str, float]] = []
+SWEEP_RESULTS: list[dict[str, float]] = []  # set by SweepReport: each finished job's metrics
+FAILED_SWEEP_JOBS: list[str] = []  # set by SweepReport: each failed job's directory and error
+
+
+class SweepReport(Callback):
+    """At the end of a sweep, in the process that launched it: each job's metrics.json, read back from its directory.
+
+    So the sweep's summary and exit status are right whichever launcher ran the jobs: in this process (Hydra's basic
+    launcher), as local processes (submitit_local) or as SLURM jobs. Registered in conf/train.yaml (hydra.callbacks).
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        jobs = sorted(path for path in Path(config.hydra.sweep.dir).iterdir() if path.is_dir() and not path.name.startswith("."))
+        for job in jobs:
+            metrics = json.loads((job / "metrics.json").read_text()) if (job / "metrics.json").is_file() else {"error": "no metrics.json"}
+            if "error" in metrics:
+                FAILED_SWEEP_JOBS.append(f"{job}: {metrics['error']}")
+            else:
+                SWEEP_RESULTS.append(metrics)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -133,19 +178,25 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     setup_job_console()
-    if os.environ.get("LOCAL_RANK", "0") != "0":  # a process Lightning started for another rank (see ddp_rank_argv)
-        LOG.info(f"local rank {os.environ['LOCAL_RANK']} of the job {' '.join(hydra_cfg.overrides.task)}")
+    rank = launch_rank()
+    if rank != "0":  # another process of a DDP job (see ddp_rank_argv): its own log, in the job's directory
+        use_job_log(run_dir / f"{hydra_cfg.job.name}_rank_{rank}.log")
+        LOG.info(f"rank {rank} of the job {' '.join(hydra_cfg.overrides.task)}")
+    elif not cfg.resume and trained_by_this_slurm_job(run_dir):  # requeued by SLURM, relaunched by submitit: resume in place
+        LOG.info(f"SLURM job {slurm_job_id()} was requeued: resuming {run_dir}")
+        with open_dict(cfg):
+            cfg.resume = str(run_dir)
     environment = dict(os.environ)
     os.environ[DDP_JOB] = json.dumps({"overrides": list(hydra_cfg.overrides.task), "run_dir": str(run_dir)})
-    # One process locks the run: global rank 0 (torchrun's RANK, SLURM_PROCID, Lightning's LOCAL_RANK; NODE_RANK for a
-    # multi-node launch by hand). A resume holds its lock since main().
-    new_run = not cfg.resume and is_rank_zero() and os.environ.get("NODE_RANK", "0") == "0"
+    new_run = rank == "0" and str(run_dir.resolve()) not in LOCKED_BY_MAIN  # main() locked a resumed run before Hydra rewrote it
     try:
         with run_lock(run_dir) if new_run else nullcontext():
+            if rank == "0" and slurm_job_id():  # what a requeued job looks for (runs.requeued_run)
+                (run_dir / SLURM_JOB_FILE).write_text(slurm_job_id())
             metrics = train(cfg)
     except Exception as error:
         code = log_job_error(error)
-        if not is_rank_zero():
+        if rank != "0" or not is_rank_zero():
             raise SystemExit(code) from None
         sweep = hydra_cfg.mode == RunMode.MULTIRUN
         if sweep or not refused_input(error):
@@ -157,16 +208,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
                 restore()
         if not sweep:
             raise SystemExit(code) from None
-        FAILED_SWEEP_JOBS.append(str(run_dir))  # a sweep goes on; main() exits non-zero at the end
-        return None
+        return None  # a sweep goes on; main() exits non-zero at the end (SweepReport)
     finally:
         end_distributed_job(environment)
-    if not is_rank_zero():
+    if rank != "0" or not is_rank_zero():
         return None
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     LOG.info(summary(metrics, run_dir))
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        SWEEP_RESULTS.append(metrics)
     return metrics.get("val/acc_best")
 
 
@@ -187,8 +235,7 @@ def ddp_rank_argv() -> list[str] | None:
     if job is None or os.environ.get("LOCAL_RANK", "0") == "0":
         return None
     job = json.loads(job)
-    rank = os.environ["LOCAL_RANK"]
-    return [*job["overrides"], f"hydra.run.dir='{job['run_dir']}'", "hydra.output_subdir=null", f"hydra.job.name=train_ddp_process_{rank}"]
+    return [*job["overrides"], f"hydra.run.dir='{job['run_dir']}'"]
 
 
 def end_distributed_job(environment: dict[str, str]) -> None:
@@ -250,16 +297,27 @@ def main() -> None:
     FAILED_SWEEP_JOBS.clear()
     SWEEP_RESULTS.clear()
     with report_user_errors():
-        rank_argv = ddp_rank_argv()
-        sys.argv[1:] = train_argv(sys.argv[1:]) if rank_argv is None else rank_argv
-        with resume_guard(sys.argv[1:] if rank_argv is None else []) as restore_run_files:
+        argv = ddp_rank_argv()  # rank 0's job, in a process Lightning started for another rank
+        if argv is None:
+            argv = sys.argv[1:]
+            if override_value(argv, "resume") is None and (run := requeued_run(log_dir_from(argv))):
+                argv = [*argv, f"resume={run}"]  # a requeued SLURM job runs its command again: it continues its run
+            argv = train_argv(argv)
+        sys.argv[1:] = argv
+        first = launch_rank() == "0"
+        if not first:  # the first process writes the run's .hydra/ files; the others run its config
+            sys.argv.append("hydra.output_subdir=null")
+        with resume_guard(sys.argv[1:] if first else []) as restore_run_files:
             RESTORE_RUN_FILES[:] = [restore_run_files]
+            LOCKED_BY_MAIN[:] = [str(Path(resume).resolve())] if first and (resume := override_value(sys.argv[1:], "resume")) else []
             _hydra_main()
         if SWEEP_RESULTS:
             print(sweep_summary(SWEEP_RESULTS), flush=True)
         if FAILED_SWEEP_JOBS:
-            raise UserError(f"{len(FAILED_SWEEP_JOBS)} job(s) of the sweep failed: " + ", ".join(FAILED_SWEEP_JOBS))
+            raise UserError(f"{len(FAILED_SWEEP_JOBS)} job(s) of the sweep failed:\n  " + "\n  ".join(FAILED_SWEEP_JOBS))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m mnist_precision.train: run the importable module's main(), the one whose
+    from mnist_precision import train  # SWEEP_RESULTS Hydra's callback fills (this file runs a second time as __main__)
+
+    train.main()
