@@ -68,3 +68,24 @@ def test_logger_many_writes_tensorboard_and_a_csv_with_the_same_metrics(run_main
     accumulator.Reload()
     assert len(val_acc) == 2 and val_acc == [event.value for event in accumulator.Scalars("val/acc")]
     assert any(row.get("test/acc") for row in rows) and any(row.get("train/loss_step") for row in rows)
+
+
+def test_logger_mlflow_keeps_one_mlflow_run_in_the_run_dir_that_a_resume_continues(run_main, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    first = run_main(train_cli.main, "logger=mlflow", "precision=bf16-mixed", "trainer.max_epochs=2")
+    assert first.code == 0, first.stderr
+    run_dir = only_run_dir(tmp_path / "logs")
+    store = f"sqlite:///{run_dir / 'mlflow.db'}"
+    assert f"MLflow: mlflow ui --backend-store-uri {store}" in first.stdout
+    assert run_main(train_cli.main, f"resume={run_dir}", "trainer.max_epochs=3").code == 0
+
+    client = MlflowClient(store)  # as `mlflow ui` reads it
+    runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_name == run_dir.name
+    run = runs[0]
+    assert run.data.params["precision"] == "bf16-mixed" and run.data.params["model"] == "mlp"
+    assert not [name for name in run.data.params if "_target_" in name or "dirpath" in name] and len(run.data.params) <= 30
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 3  # both sessions, in one run
+    for name in ("test/acc", "test/loss", "val/acc_best", "throughput/samples_per_sec", "memory/peak_mb", "time/wall_seconds"):
+        assert name in run.data.metrics, name

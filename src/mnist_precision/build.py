@@ -19,6 +19,7 @@ from omegaconf import DictConfig, open_dict
 from mnist_precision.checkpoint_io import AtomicCheckpointIO
 from mnist_precision.classifier import MNISTClassifier
 from mnist_precision.config import CONF_DIR, check_config
+from mnist_precision.dashboard import mlflow_run_to_resume
 from mnist_precision.data import MNISTDataModule
 from mnist_precision.errors import UserError
 from mnist_precision.master_precision import MasterCopyPrecision
@@ -70,7 +71,8 @@ def build_run(cfg: DictConfig) -> Run:
     # only test hooks (`test_only = True`) joins the trainer when testing starts.
     test_callbacks = [callback for callback in callbacks if getattr(callback, "test_only", False)]
     callbacks = [callback for callback in callbacks if callback not in test_callbacks]
-    loggers = [build(f"logger.{name}", node) for name, node in (cfg.get("logger") or {}).items() if node is not None]
+    loggers = [build(f"logger.{name}", node, **mlflow_run_to_resume(node, cfg.resume))
+               for name, node in (cfg.get("logger") or {}).items() if node is not None]
     precision = precision_arguments(cfg.precision, cfg.trainer, cfg.optimizer)
     plugins = [AtomicCheckpointIO(), *precision.pop("plugins", [])]
     # _convert_: Lightning reads plain dicts (max_time={hours: 12}), not OmegaConf's DictConfig.

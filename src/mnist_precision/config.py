@@ -45,7 +45,8 @@ def run_name_suffix(override_dirname: str, limit: int = 80) -> str:
 
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 OmegaConf.register_new_resolver("run_name_suffix", run_name_suffix, replace=True)  # run and sweep-job directory names
-OmegaConf.register_new_resolver("command", command_name, replace=True)  # ${command:train} in the help texts
+OmegaConf.register_new_resolver("command", command_name, replace=True)
+OmegaConf.register_new_resolver("basename", lambda path: Path(path).name, replace=True)  # the MLflow run's name  # ${command:train} in the help texts
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 

@@ -82,3 +82,29 @@ def write_dashboard(log_dir: str | Path, cfg: DictConfig, metrics: dict[str, flo
         if name in metrics:
             writer.add_summary(scalar(name, metrics[name]), step)
     writer.close()
+
+
+def write_mlflow(logger: Any, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
+    """MLflow's side of the dashboard: the knobs as the run's params, and the final metrics the run does not log itself.
+
+    MLflow params cannot change once logged: a resume that changes one (trainer/max_epochs) keeps its first value there,
+    and logs only the knobs that are new.
+    """
+    logged = logger.experiment.get_run(logger.run_id).data.params
+    logger.log_hyperparams({name: value for name, value in knobs(cfg).items() if name not in logged})
+    final = {name: metrics[name] for name in WRITTEN_HERE if name in metrics}
+    if final:
+        logger.log_metrics(final, step)
+
+
+def mlflow_run_to_resume(node: DictConfig, resume: str | None) -> dict[str, str]:
+    """`run_id=` for an MLFlowLogger of a resumed run, so it logs into that run's MLflow run, not a new one. The store
+    lives in the run's own directory (conf/logger/mlflow.yaml): its latest run is the one."""
+    if not resume or not str(node.get("_target_", "")).endswith("MLFlowLogger"):
+        return {}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(node.tracking_uri)
+    experiment = client.get_experiment_by_name(node.experiment_name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"]) if experiment else []
+    return {"run_id": runs[0].info.run_id} if runs else {}

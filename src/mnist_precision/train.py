@@ -137,13 +137,17 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
 
 
 def log_dashboard(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 
-    from mnist_precision.dashboard import write_dashboard
+    from mnist_precision.dashboard import write_dashboard, write_mlflow
 
+    if not is_rank_zero():  # (the Trainer knows its rank only once fitting)
+        return
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger) and is_rank_zero():  # (the Trainer knows its rank only once fitting)
+        if isinstance(logger, TensorBoardLogger):
             write_dashboard(logger.log_dir, cfg, metrics, trainer.global_step)
+        elif isinstance(logger, MLFlowLogger):
+            write_mlflow(logger, cfg, metrics, trainer.global_step)
 
 
 LOCKED_BY_MAIN: list[str] = []  # the run dir main() locked for a resume
@@ -214,7 +218,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if rank != "0" or not is_rank_zero():
         return None
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    LOG.info(summary(metrics, run_dir))
+    LOG.info(summary(metrics, run_dir, cfg))
     return metrics.get("val/acc_best")
 
 
@@ -265,8 +269,8 @@ def refused_input(error: Exception) -> bool:
     return isinstance(error, UserError) and not isinstance(error, RunFailed)
 
 
-def summary(metrics: dict[str, float], run_dir: Path) -> str:
-    """The end of a run: results, times, and where to look."""
+def summary(metrics: dict[str, float], run_dir: Path, cfg: DictConfig) -> str:
+    """The end of a run: results, times, and where to look (the run, and each logger's viewer)."""
     parts = [f"test/acc={metrics['test/acc']:.4f}"]
     if "val/acc_best" in metrics:
         parts.append(f"val/acc_best={metrics['val/acc_best']:.4f}")
@@ -275,7 +279,16 @@ def summary(metrics: dict[str, float], run_dir: Path) -> str:
     parts.append(f"wall {metrics['time/wall_seconds']:.1f} s")
     if "throughput/samples_per_sec" in metrics:
         parts.append(f"{metrics['throughput/samples_per_sec']:,.0f} samples/s")
-    return "  ".join(parts) + f"\nrun dir: {run_dir}\nTensorBoard: tensorboard --logdir {run_dir}"
+    lines = ["  ".join(parts), f"run dir: {run_dir}"]
+    for node in (cfg.get("logger") or {}).values():
+        kind = str((node or {}).get("_target_", "")).rsplit(".", 1)[-1]
+        if kind == "TensorBoardLogger":
+            lines.append(f"TensorBoard: tensorboard --logdir {run_dir}")
+        elif kind == "MLFlowLogger":
+            lines.append(f"MLflow: mlflow ui --backend-store-uri {node.tracking_uri}")
+        elif kind == "CSVLogger":
+            lines.append(f"CSV: {Path(node.save_dir) / node.name / 'metrics.csv'}")
+    return "\n".join(lines)
 
 
 def sweep_summary(results: list[dict[str, float]]) -> str:
