@@ -47,3 +47,31 @@ class WarnAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             warnings.warn("an injected warning that matters", UserWarning, stacklevel=1)
+
+
+class DiskFullAtStep(L.Callback):
+    """From the given optimizer step on, every TensorBoard event write fails as on a full disk (ENOSPC)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.write = None  # RecordWriter.write, put back at teardown (the tests run in one process)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import errno
+
+            from tensorboard.summary.writer.record_writer import RecordWriter
+
+            def full(self, data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            self.write, RecordWriter.write = RecordWriter.write, full
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.teardown(trainer, pl_module, "fit")
+
+    def teardown(self, trainer, pl_module, stage):
+        if self.write is not None:
+            from tensorboard.summary.writer.record_writer import RecordWriter
+
+            RecordWriter.write, self.write = self.write, None

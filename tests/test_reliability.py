@@ -216,3 +216,55 @@ def test_a_mid_epoch_stop_that_cannot_be_saved_exactly_says_so_at_resume(make_co
     train(make_config(*common, *stopped_at("StopFromTheModel", 11)))
     with pytest.warns(UserWarning, match=r"epoch 1 stopped at batch 3 of 8: .* its other 5 batches are not trained"):
         train(make_config(*common, f"resume={tmp_path / 'run'}"))
+
+
+def test_a_full_disk_while_writing_tensorboard_events_is_one_message_and_the_checkpoints_stay_intact(run_main, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # fault_injection, for Hydra's instantiate
+    full = ["+callbacks.disk._target_=fault_injection.DiskFullAtStep", "+callbacks.disk.step=11"]  # mid-epoch 2
+    result = run_main(train_cli.main, *full, "trainer.max_epochs=3")
+    assert result.code == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "error: could not write the run's files (TensorBoard events): No space left on device." in result.stderr
+    run_dir = next((tmp_path / "logs/train").iterdir())
+    assert f"The checkpoints already written are intact; once there is room, continue with: mnist-train resume={run_dir}" in result.stderr
+    assert load(run_dir / "checkpoints/last.ckpt")["global_step"] == 8  # epoch 1's, whole
+
+    resumed = run_main(train_cli.main, f"resume={run_dir}", "~callbacks.disk")  # room again
+    assert resumed.code == 0, resumed.stderr
+    assert load(run_dir / "checkpoints/last.ckpt")["global_step"] == 24
+
+
+def test_a_full_disk_while_writing_metrics_json_is_one_message(run_main, tmp_path, monkeypatch):
+    write_text = Path.write_text
+
+    def full_for_metrics(path, *args, **kwargs):
+        if path.name.startswith("metrics.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_for_metrics)
+    result = run_main(train_cli.main, "trainer.max_epochs=1")
+    assert result.code == 1 and "Traceback" not in result.stderr
+    assert "error: could not write" in result.stderr and "metrics.json.partial: No space left on device." in result.stderr
+    run_dir = next((tmp_path / "logs/train").iterdir())
+    assert not list(run_dir.glob("metrics.json*"))  # no half-written file for a sweep to misread
+    assert load(run_dir / "checkpoints/last.ckpt")["global_step"] == 8
+
+
+@pytest.mark.parametrize("layout", ["no skipped_steps", "no master-copy state", "no loops"])
+def test_a_checkpoint_of_an_older_layout_says_what_it_lacks(run_main, tmp_path, layout):
+    assert run_main(train_cli.main, "precision=16-master", "trainer.max_epochs=1").code == 0
+    run_dir = next((tmp_path / "logs/train").iterdir())
+    checkpoint = load(run_dir / "checkpoints/last.ckpt")
+    if layout == "no skipped_steps":
+        del checkpoint["MasterCopyPrecision"]["skipped_steps"]
+    elif layout == "no master-copy state":
+        del checkpoint["MasterCopyPrecision"]
+    else:
+        del checkpoint["loops"]
+    torch.save(checkpoint, run_dir / "checkpoints/last.ckpt")
+    result = run_main(train_cli.main, f"resume={run_dir}", "trainer.max_epochs=2")
+    assert result.code == 1 and "Traceback" not in result.stderr
+    missing = {"no skipped_steps": "MasterCopyPrecision.skipped_steps",
+               "no master-copy state": "the MasterCopyPrecision state (scaler, masters, skipped_steps)", "no loops": "loops"}[layout]
+    assert f"the checkpoint has no {missing}. It was written by another layout" in result.stderr, result.stderr

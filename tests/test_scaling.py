@@ -137,7 +137,7 @@ def test_the_slurm_launcher_sizes_the_job_from_the_trainer():
 def test_submitit_local_runs_a_sweep_into_one_sweep_dir_and_reports_every_job(tmp_path, mnist_root):
     code, out, err = finish(launch(tmp_path, mnist_root, "hydra/launcher=submitit_local", "trainer.max_epochs=1", "precision=32,bf16-mixed",
                                    "model.hidden=0,8", flags=("-m",)))
-    assert code == 1  # two of the four jobs cannot train (a zero-width layer): the sweep says so and exits non-zero
+    assert code == 1  # two of the four jobs are refused (a zero-width layer): the sweep says so and exits non-zero
     sweep = only_run_dir(tmp_path / "logs", "multirun")
     jobs = sweep_jobs(sweep)
     assert len(jobs) == 4 and not (tmp_path / "logs/train").exists()
@@ -146,7 +146,7 @@ def test_submitit_local_runs_a_sweep_into_one_sweep_dir_and_reports_every_job(tm
         assert ("error" in metrics) == ("model.hidden=0" in job.name), metrics
         assert (job / "train.log").is_file() and (job / ".hydra/overrides.yaml").is_file()
     assert "sweep of 2 job(s): test/acc" in out  # read back from the jobs, which ran in other processes
-    assert "2 job(s) of the sweep failed" in err and "layers with no weights cannot train" in err
+    assert "2 job(s) of the sweep failed" in err and "model.hidden must be >= 1, got 0" in err
 
 
 @pytest.mark.slow  # about 25 s a case: an uninterrupted run, then a run stopped by the signal, then the requeued job

@@ -58,10 +58,12 @@ def build_run(cfg: DictConfig) -> Run:
     skip_nvml_probe_without_gpu()
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    optimizer, lr_scheduler = build("optimizer", cfg.optimizer), build("scheduler", cfg.scheduler.lr_scheduler)
+    check_learning_rates(optimizer, lr_scheduler, more_than_one_step=cfg.scheduler.interval == "step" or cfg.trainer.max_epochs != 1)
     model = MNISTClassifier(
         net=check_has_weights(build("model", cfg.model)),
-        optimizer=build("optimizer", cfg.optimizer),
-        lr_scheduler=build("scheduler", cfg.scheduler.lr_scheduler),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
         lr_interval=cfg.scheduler.interval,
     )
     callbacks = [build(f"callbacks.{name}", node) for name, node in (cfg.get("callbacks") or {}).items() if node is not None]
@@ -94,8 +96,43 @@ def check_has_weights(net: torch.nn.Module) -> torch.nn.Module:
     """A layer with no weights (a width of 0) trains to chance accuracy without any error: refuse it."""
     empty = [f"{name} {tuple(parameter.shape)}" for name, parameter in net.named_parameters() if parameter.numel() == 0]
     if empty:
-        raise UserError(f"model: layers with no weights cannot train: {', '.join(empty)}. Check the model's sizes (model.hidden=0?).")
+        raise UserError(f"model: layers with no weights cannot train: {', '.join(empty)}. Check the model's sizes (model.*).")
     return net
+
+
+def check_learning_rates(optimizer_factory: Any, scheduler_factory: Any, more_than_one_step: bool) -> None:
+    """What the schemas cannot see, before any work: torch checks an optimizer's arguments only when it is built (inside
+    fit) and a scheduler's only as it steps (StepLR's step_size=0 divides by zero at its second step). Both are built
+    here on a stand-in parameter and stepped twice; a learning rate that is 0 for the first step, or from the second
+    on, is refused too (onecycle's max_lr=0, exponential's gamma=0): such a run ends at chance accuracy with exit 0."""
+    import inspect
+    import math
+    import warnings
+
+    try:
+        optimizer = optimizer_factory(params=[torch.nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError) as error:
+        raise UserError(f"optimizer: {error}") from None
+    learning_rates = [optimizer.param_groups[0]["lr"]]
+    if scheduler_factory is not None:
+        stand_in = {"total_steps": 10} if "total_steps" in inspect.signature(scheduler_factory).parameters else {}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scheduler = scheduler_factory(optimizer=optimizer, **stand_in)
+                learning_rates = [optimizer.param_groups[0]["lr"]]
+                for _ in range(2):
+                    optimizer.step()
+                    scheduler.step()
+                    learning_rates.append(optimizer.param_groups[0]["lr"])
+        except (ArithmeticError, TypeError, ValueError) as error:
+            raise UserError(f"scheduler.lr_scheduler: {type(error).__name__}: {error}") from None
+    first, second = learning_rates[0], learning_rates[1] if len(learning_rates) > 1 else learning_rates[0]
+    if not (math.isfinite(first) and first > 0):
+        raise UserError(f"the learning rate of the first step would be {first} (optimizer and scheduler settings): nothing would train.")
+    if more_than_one_step and not (math.isfinite(second) and second > 0):
+        raise UserError(f"the learning rate would be {second} after the first scheduler step (scheduler.lr_scheduler): "
+                        "training would stop there.")
 
 
 def precision_arguments(precision: DictConfig, cfg_trainer: DictConfig, cfg_optimizer: DictConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from importlib.metadata import entry_points
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mnist_precision import schema  # noqa: F401  (registers the config groups' schemas with Hydra)
 from mnist_precision.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/mnist_precision/config.py -> project root (editable install)
@@ -54,9 +56,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 def check_config(cfg: DictConfig) -> None:
     """Raise one `UserError` listing every invalid value, before anything is built."""
     problems = [
-        *_check_number(cfg, "data.batch_size", integer=True, minimum=1),
-        *_check_number(cfg, "data.eval_batch_size", integer=True, minimum=1),
-        *_check_number(cfg, "data.val_size", integer=True, minimum=1),
+        *_check_schemas(cfg),
         *_check_number(cfg, "optimizer.lr", minimum=0, exclusive=True),
         *_check_number(cfg, "trainer.max_epochs", integer=True, minimum=-1),
         *_check_number(cfg, "seed", integer=True, minimum=0),
@@ -71,12 +71,28 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"trainer.precision is not read here: precision is its own config group. Use precision={cfg.trainer.precision}")
     if cfg.matmul_precision not in ("highest", "high", "medium"):
         problems.append(f"matmul_precision must be highest, high or medium, got {cfg.matmul_precision!r}")
-    if cfg.data.on_device not in ("auto", True, False):
-        problems.append(f"data.on_device must be auto, true or false, got {cfg.data.on_device!r}")
     problems += _check_devices(cfg.trainer)
     problems += _check_nodes(cfg.trainer)
     if problems:
         raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _check_schemas(cfg: DictConfig) -> list[str]:
+    """The ranges and choices the groups' schemas declare (schema.at_least, schema.one_of); Hydra checked the types."""
+    problems = []
+    for group in ("data", "model", "precision", "scheduler"):
+        node = cfg.get(group)
+        if node is None or not dataclasses.is_dataclass(OmegaConf.get_type(node)):
+            continue
+        for spec in dataclasses.fields(OmegaConf.get_type(node)):
+            key, value = f"{group}.{spec.name}", node.get(spec.name)
+            if "choices" in spec.metadata and value not in spec.metadata["choices"]:
+                choices = ", ".join(str(choice).lower() for choice in spec.metadata["choices"])
+                problems.append(f"{key} must be one of {choices}, got {value!r}")
+            elif "minimum" in spec.metadata:
+                problems += _check_number(cfg, key, integer=spec.type in (int, "int"), minimum=spec.metadata["minimum"],
+                                          exclusive=spec.metadata["above"])
+    return problems
 
 
 def _check_number(cfg: DictConfig, key: str, integer: bool = False, minimum: float = 0, exclusive: bool = False) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -81,6 +82,8 @@ def setup_job_console() -> None:
 
     logging.getLogger("lightning").handlers.clear()
     logging.captureWarnings(True)
+    logging.raiseExceptions = False  # a log file on a full disk must not print a traceback per line; the error says why
+    threading.excepthook = _thread_exception
     for name in TORCH_LOGGERS:  # torch's loggers print through torch's own handler, not Hydra's: filter at the source
         if not any(isinstance(existing, KnownNoise) for existing in logging.getLogger(name).filters):
             logging.getLogger(name).addFilter(KnownNoise())
@@ -88,6 +91,17 @@ def setup_job_console() -> None:
         return
     for pattern, _ in KNOWN_HARMLESS:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
+
+
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+    """A background thread that failed to write (TensorBoard's event writer on a full disk): the main thread meets the
+    same error at its next write and reports it in one message (errors.explain_full_disk); the trace goes to the log."""
+    from mnist_precision.errors import WRITE_ERRORS
+
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in WRITE_ERRORS:
+        logging.getLogger("mnist_precision").debug("a background thread could not write", exc_info=args.exc_value)
+        return
+    threading.__excepthook__(args)
 
 
 def use_job_log(path: Path) -> None:

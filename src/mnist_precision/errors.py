@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, NoReturn
 
 LOG = logging.getLogger("mnist_precision")
@@ -102,3 +104,21 @@ def explain_failed_rendezvous(trainer) -> Iterator[None]:
             f"(0 to {trainer.num_nodes - 1}) and the same MASTER_ADDR and MASTER_PORT, or launch through SLURM or torchrun. "
             "The wait is trainer.strategy.timeout."
         ) from None
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def explain_full_disk(error: Exception, run_dir: Path) -> Exception:
+    """A full disk, a quota, or a directory made read-only while the run writes its TensorBoard events or metrics.json:
+    one message. The checkpoints are written atomically (checkpoint_io.AtomicCheckpointIO), so those already there are
+    whole, and the run can go on from them once there is room."""
+    if not (isinstance(error, OSError) and error.errno in WRITE_ERRORS):
+        return error
+    what = error.filename or "the run's files (TensorBoard events)"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    from mnist_precision.config import command_name  # (config imports this module)
+
+    then = (f"The checkpoints already written are intact; once there is room, continue with: {command_name('train')} resume={run_dir}"
+            if last.is_file() else "No checkpoint had been written yet.")
+    return RunFailed(f"could not write {what}: {os.strerror(error.errno)}. {then}")

@@ -170,6 +170,8 @@ class MasterCopyPrecision(HalfPrecision):
     def loss_scale(self) -> float:
         return self.scaler.get_scale()
 
+    STATE_KEYS = ("scaler", "masters", "skipped_steps")  # what a checkpoint holds of it (runs.check_layout checks them)
+
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict(), "masters": self.masters, "skipped_steps": self.skipped_steps}
 

@@ -27,6 +27,7 @@ REPLACED_ON_REPLAY = ("resume", "ckpt_path")  # per-invocation keys, never taken
 
 
 PATH_KEYS = ("resume", "ckpt_path", "paths.log_dir", "data.data_dir")
+OPTIONAL_GROUPS = ("experiment", "debug", "hparams_search")  # null by default (conf/train.yaml): null means none
 
 
 def quote_values(argv: list[str]) -> list[str]:
@@ -35,6 +36,7 @@ def quote_values(argv: list[str]) -> list[str]:
     `precision=32` -> `precision='32'`: Hydra reads a bare 32 as an int, which it refuses as a config name.
     `resume=logs/train/<time>_precision=16-master,model=cnn` -> quoted: run directories are named after their
     overrides, and a bare `=` or `,` in a value is a parse error or a sweep to Hydra.
+    `experiment=null` -> `~experiment`: no experiment, as by default.
     """
 
     def quote(option: str) -> str:
@@ -42,6 +44,8 @@ def quote_values(argv: list[str]) -> list[str]:
 
     def quoted(arg: str) -> str:
         key = override_key(arg)
+        if key in OPTIONAL_GROUPS and arg == f"{key}=null":  # Hydra's own answer to experiment=null is a ValueError traceback
+            return f"~{key}"
         if key == "precision" and arg.startswith("precision="):
             return "precision=" + ",".join(quote(option) for option in arg.split("=", 1)[1].split(","))
         if key in PATH_KEYS and "=" in arg:
@@ -109,14 +113,28 @@ def log_dir_from(argv: list[str]) -> Path:
     return Path(value).expanduser().resolve() if value else DEFAULT_LOG_DIR
 
 
+def check_writable(directory: Path, key: str) -> None:
+    """A directory runs are written under must exist (it is created) and take a file: else one message, before Hydra
+    tries to make a run directory there (whose error is a chain of tracebacks)."""
+    import tempfile
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise UserError(f"{key}={directory}: runs cannot be written there ({error.strerror or error}).") from None
+
+
 def check_group_overrides(argv: list[str]) -> None:
     """`callbacks=null` (or ~callbacks... as a group choice): Hydra's own error is a traceback; say what works."""
     for arg in argv:
         group, _, value = arg.partition("=")
-        if value == "null" and (CONF_DIR / group).is_dir():
+        if value == "null" and (CONF_DIR / group).is_dir() and group not in OPTIONAL_GROUPS:
             none = (CONF_DIR / group / "none.yaml").is_file()
             fix = f"use {group}=none" if none else "choose one of: " + ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
-            raise UserError(f"{arg}: a config group takes an option, not null; {fix}" + (f" (or ~{group}.<name> to drop one)" if none else "."))
+            one = f" (or ~{group}.<name> to drop one)" if group in ("callbacks", "logger") else "."
+            raise UserError(f"{arg}: a config group takes an option, not null; {fix}{one}")
 
 
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info")  # Hydra prints and exits: nothing runs
@@ -145,6 +163,8 @@ def train_argv(argv: list[str]) -> list[str]:
     """Checks `ckpt_path=`; turns `resume=<run_dir>|latest` into the run's saved overrides + the new ones, run dir pinned."""
     check_group_overrides(argv)
     check_launcher(argv)
+    if not any(arg.split("=")[0] in INFO_FLAGS for arg in argv):
+        check_writable(log_dir_from(argv), "paths.log_dir")
     argv = quote_values(argv)
     resume, ckpt = override_value(argv, "resume"), override_value(argv, "ckpt_path")
     if resume and ckpt:
@@ -180,6 +200,26 @@ def eval_argv(argv: list[str]) -> list[str]:
     return merge_overrides(saved, [arg for arg in argv if override_key(arg) != "ckpt_path"] + [f"ckpt_path='{path}'"])
 
 
+TRAINING_STATE = ("state_dict", "optimizer_states", "loops", "global_step", "epoch", "callbacks")  # what Lightning resumes from
+
+
+def check_layout(checkpoint: dict, trainer: Any, how: str) -> None:
+    """A checkpoint from an older layout of the module or the precision plugin: say what is missing, instead of a
+    KeyError from deep inside Lightning's restore. (A model whose weights differ: errors.explain_checkpoint_mismatch.)"""
+    missing = [key for key in TRAINING_STATE if key not in checkpoint]
+    plugin = trainer.precision_plugin
+    expected = getattr(plugin, "STATE_KEYS", ())  # MasterCopyPrecision's: masters, loss scaler, skipped steps
+    name = type(plugin).__qualname__
+    if expected and name not in checkpoint:
+        missing.append(f"the {name} state ({', '.join(expected)})")
+    elif expected:
+        missing += [f"{name}.{key}" for key in expected if key not in checkpoint[name]]
+    if missing:
+        raise UserError(f"{how}: the checkpoint has no {'; no '.join(missing)}. It was written by another layout of this "
+                        "project's module or precision plugin (an older version?), so its training state cannot be resumed "
+                        "exactly: continue it with the version that wrote it.")
+
+
 def check_training_left(trainer: Any, ckpt_path: str, how: str) -> None:
     """A clear error when the checkpoint has already reached the run's limits, instead of Lightning's
     MisconfigurationException (checkpoint past max_epochs) or a run that silently trains nothing and re-tests.
@@ -190,6 +230,7 @@ def check_training_left(trainer: Any, ckpt_path: str, how: str) -> None:
     from lightning.pytorch.callbacks import Timer
 
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    check_layout(checkpoint, trainer, how)
     epochs = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]  # epochs whose training ended
     steps = checkpoint["global_step"]
     done = f"{how}: the checkpoint has trained {epochs} epoch(s), {steps} step(s)"

@@ -31,6 +31,7 @@ from mnist_precision.errors import (
     UserError,
     explain_checkpoint_mismatch,
     explain_failed_rendezvous,
+    explain_full_disk,
     log_job_error,
     report_user_errors,
 )
@@ -199,12 +200,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
                 (run_dir / SLURM_JOB_FILE).write_text(slurm_job_id())
             metrics = train(cfg)
     except Exception as error:
+        error = explain_full_disk(error, run_dir)
         code = log_job_error(error)
         if rank != "0" or not is_rank_zero():
             raise SystemExit(code) from None
         sweep = hydra_cfg.mode == RunMode.MULTIRUN
         if sweep or not refused_input(error):
-            (run_dir / "metrics.json").write_text(json.dumps({"error": str(error)}, indent=2))
+            write_metrics(run_dir, {"error": str(error)})
         elif not cfg.resume:  # nothing behind: TensorBoard and resume=latest would find an empty run
             shutil.rmtree(run_dir, ignore_errors=True)
         else:  # the run as it was: Hydra rewrote its .hydra/ files for this refused command
@@ -217,9 +219,25 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         end_distributed_job(environment)
     if rank != "0" or not is_rank_zero():
         return None
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    try:
+        write_metrics(run_dir, metrics)
+    except OSError as error:
+        LOG.error(f"error: {explain_full_disk(error, run_dir)}")
+        raise SystemExit(1) from None
     LOG.info(summary(metrics, run_dir, cfg))
     return metrics.get("val/acc_best")
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    """metrics.json, written whole or not at all (a full disk must not leave half a file for a sweep to read)."""
+    partial = run_dir / "metrics.json.partial"
+    try:
+        partial.write_text(json.dumps(metrics, indent=2))
+        partial.replace(run_dir / "metrics.json")
+    except OSError:
+        partial.unlink(missing_ok=True)
+        if "error" not in metrics:  # the error that stopped a run is on the console and in train.log already
+            raise
 
 
 DDP_JOB = "MNIST_PRECISION_DDP_JOB"  # rank 0's job (overrides, run dir), for the processes started for other ranks
