@@ -114,13 +114,13 @@ def log_dir_from(argv: list[str]) -> Path:
 
 
 def check_writable(directory: Path, key: str) -> None:
-    """A directory runs are written under must exist (it is created) and take a file: else one message, before Hydra
-    tries to make a run directory there (whose error is a chain of tracebacks)."""
+    """Runs can be written under `directory` (it, or the nearest part of its path that exists, takes a file): else one
+    message, before Hydra tries to make a run directory there (whose error is a chain of tracebacks)."""
     import tempfile
 
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
         raise UserError(f"{key}={directory}: runs cannot be written there ({error.strerror or error}).") from None
