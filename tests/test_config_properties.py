@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from mnist_precision import train as train_cli
 from mnist_precision.config import CONF_DIR
-from mnist_precision.schema import SCHEMAS, DataConfig, MasterPrecisionConfig, MLPConfig, SchedulerConfig
+from mnist_precision.schema import SCHEMAS, DataConfig, MasterPrecisionConfig, MLPConfig, SchedulerConfig, schema_name
 
 # The option each drawn group is set to, and its schema, whose fields are drawn.
 OPTIONS = {"data": "mnist", "model": "mlp", "precision": "16-master", "scheduler": "step"}
@@ -79,10 +79,10 @@ def test_every_option_of_a_schema_group_names_its_schema_and_the_schema_matches_
 
     config = yaml.safe_load((CONF_DIR / option).read_text())
     group = option.split("/")[0]
-    references = [entry for entry in config.get("defaults", []) if isinstance(entry, str) and entry.startswith(f"/schema/{group}/")]
-    assert len(references) == 1, f"{option} names no schema first in its defaults list"
-    name = references[0].split("/")[-1].split("@")[0]
-    schema = SCHEMAS[(group, name)]
+    first = config.get("defaults", [None])[0]
+    schemas = {f"/{schema_name(g, n)}@_here_": schema for (g, n), schema in SCHEMAS.items() if g == group}
+    assert first in schemas, f"{option} does not name its group's schema first in its defaults list"
+    schema = schemas[first]
     fields = {field.name for field in dataclasses.fields(schema)}
     assert set(config) - {"defaults"} <= fields  # (Hydra refuses the rest too)
     if group == "model":  # a model's schema has exactly its function's arguments

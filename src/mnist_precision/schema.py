@@ -1,6 +1,6 @@
 """Typed schemas of this project's config groups: Hydra structured configs, registered in Hydra's ConfigStore.
 
-Each YAML option names its schema first in its defaults list (`conf/model/mlp.yaml`: `- /schema/model/mlp@_here_`),
+Each YAML option names its schema first in its defaults list (`conf/model/mlp.yaml`: `- /model_mlp_schema@_here_`),
 so Hydra checks it while composing, before any work starts: a key the schema does not have is refused, and a value
 of the wrong type (`data.batch_size=abc`, `data.normalize=maybe`) or outside a choice (`scheduler.interval=daily`) is
 one message naming the key. Ranges are declared here too (`at_least`), and checked by `config.check_config`.
@@ -9,7 +9,7 @@ Third-party objects (Lightning's Trainer and callbacks, torch's optimizers and s
 their schema: an argument they refuse is reported by `build.build`, naming the key, before training starts.
 
 A new model `mnist_precision.models.resnet(width: int)` gets `@dataclass class ResNetConfig: width: int = at_least(1)`
-here, `store(ResNetConfig, "model", "resnet")`, and `conf/model/resnet.yaml` with `- /schema/model/resnet@_here_`.
+here, an entry `("model", "resnet"): ResNetConfig` in SCHEMAS, and `conf/model/resnet.yaml` with `- /model_resnet_schema@_here_`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-SCHEMA_GROUP = "schema"  # ConfigStore group of the schemas; options refer to /schema/<group>/<name>
+
+def schema_name(group: str, name: str) -> str:
+    """The ConfigStore name of a group's schema: an option names it first in its defaults, `- /<group>_<name>_schema@_here_`."""
+    return f"{group}_{name}_schema"
 
 
 def at_least(minimum: float, above: bool = False) -> Any:
@@ -109,5 +112,5 @@ SCHEMAS = {  # (group, name): schema
     ("precision", "master"): MasterPrecisionConfig,
     ("scheduler", "scheduler"): SchedulerConfig,
 }
-for (_group, _name), _schema in SCHEMAS.items():
-    ConfigStore.instance().store(group=f"{SCHEMA_GROUP}/{_group}", name=_name, node=_schema)
+for (_group, _name), _schema in SCHEMAS.items():  # root configs, not a config group: --help lists groups as choices
+    ConfigStore.instance().store(name=schema_name(_group, _name), node=_schema)
