@@ -178,6 +178,7 @@ def test_slurms_signal_before_the_time_limit_saves_requeues_and_the_requeued_job
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
     run = tmp_path / "submitit_job" if relaunch == "submitit" else only_run_dir(tmp_path / "logs")
     assert (run / SLURM_JOB_FILE).read_text() == "4242"
+    assert not (run / "metrics.json").exists()  # no result while requeued: a sweep's launcher would take it as the job's
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 13
 
     code, out, err = finish(launch(tmp_path, mnist_root, *command, env={**slurm, "SLURM_RESTART_COUNT": "1"}))  # the requeued job
@@ -186,6 +187,7 @@ def test_slurms_signal_before_the_time_limit_saves_requeues_and_the_requeued_job
     if relaunch == "sbatch script":
         assert only_run_dir(tmp_path / "logs") == run  # resumed in place: no second run
     assert_same_weights(weights(reference), weights(run))
+    assert "test/acc" in json.loads((run / "metrics.json").read_text())
     final = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
     expected = torch.load(reference / "checkpoints/last.ckpt", weights_only=False)
     assert final["global_step"] == expected["global_step"] == 24

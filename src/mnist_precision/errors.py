@@ -28,9 +28,10 @@ class TrainingDiverged(RunFailed):
 class TrainingInterrupted(RunFailed):
     """SIGTERM/SIGINT stopped training after saving its state; exits 128 + the signal number, as shells do."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, requeued: bool = False):
         super().__init__(message)
         self.exit_code = 128 + int(signum)
+        self.requeued = requeued  # SLURM runs this job again, and it resumes the run
 
 
 def print_error(error: UserError) -> None:

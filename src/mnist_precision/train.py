@@ -109,7 +109,7 @@ def interrupted(trainer: L.Trainer) -> TrainingInterrupted:
     if signum in (signal.SIGUSR1, signal.SIGUSR2) and slurm_job_id():  # SLURM's warning before the time limit
         requeued = requeue_slurm_job() if trainer.is_global_zero else ""
         if requeued.startswith("requeued"):
-            return TrainingInterrupted(f"{saved} {requeued}.", signum)
+            return TrainingInterrupted(f"{saved} {requeued}.", signum, requeued=True)
         saved += f" {requeued}."
     return TrainingInterrupted(f"{saved}\nContinue with: {command_name('train')} resume={run_dir}", signum)
 
@@ -202,7 +202,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except Exception as error:
         error = explain_full_disk(error, run_dir)
         code = log_job_error(error)
-        if rank != "0" or not is_rank_zero():
+        if rank != "0" or not is_rank_zero() or getattr(error, "requeued", False):
+            # (requeued: the job runs again and writes its result then; a sweep's launcher must not see one now)
             raise SystemExit(code) from None
         sweep = hydra_cfg.mode == RunMode.MULTIRUN
         if sweep or not refused_input(error):
