@@ -197,6 +197,11 @@ BAD_TRAIN_INPUTS = {
     "a learning rate of 0 from the start": (["scheduler=onecycle", "scheduler.lr_scheduler.max_lr=0"],
                                             "the learning rate of the first step would be 0.0"),
     "a log dir nothing can be written to": (["paths.log_dir=/proc/no_such_dir"], "paths.log_dir=/proc/no_such_dir: runs cannot be written there"),
+    "a non-boolean for a Trainer flag": (["trainer.enable_progress_bar=maybe"], "trainer.enable_progress_bar must be null or true or false, got 'maybe'"),
+    "a wrong type for an optimizer argument": (["+optimizer.amsgrad=maybe"], "optimizer.amsgrad must be true or false, got 'maybe'"),
+    "a wrong type for a callback argument": (["callbacks.progress_bar.refresh_rate=abc"], "callbacks.progress_bar.refresh_rate must be an integer, got 'abc'"),
+    "zero gradient accumulation": (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be >= 1, got 0"),
+    "a negative logging interval": (["trainer.log_every_n_steps=-3"], "trainer.log_every_n_steps must be >= 0, got -3"),
     "a choice the schema does not offer": (["scheduler.interval=daily"], "scheduler.interval must be one of epoch, step, got 'daily'"),
 }
 

@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.plugins import MixedPrecision
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mnist_precision.checkpoint_io import AtomicCheckpointIO
 from mnist_precision.classifier import MNISTClassifier
@@ -83,13 +83,82 @@ def build_run(cfg: DictConfig) -> Run:
 
 
 def build(key: str, node: DictConfig | None, **kwargs: Any) -> Any:
-    """`instantiate(node)`; an argument the target refuses (unknown, wrong type or value) is one message naming the key."""
+    """`instantiate(node)`; an argument the target refuses (unknown, wrong type or value) is one message naming the key.
+
+    The target's own signature is the schema of a third-party object (Lightning's Trainer, torch's optimizers): its
+    annotated simple types are checked first, since many targets take a wrong type silently (the Trainer reads
+    `enable_progress_bar="maybe"` as true).
+    """
+    if node is not None and "_target_" in node:
+        problems = signature_problems(key, node)
+        if problems:
+            raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
         cause = error.__cause__ or error
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise UserError(f"{key}: {detail}") from None
+
+
+def signature_problems(key: str, node: DictConfig) -> list[str]:
+    """Each configured argument whose value does not fit the target's annotation, where that annotation is made of
+    bool, int, float, str, None, Literal, Optional and Union (anything else, a class or a container, is the target's
+    to check). A bool is not an int here, and an int is a float."""
+    import inspect
+    import typing
+
+    from hydra.utils import get_object
+
+    try:
+        target = get_object(node._target_)
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # an unknown target is instantiate's to report; unresolvable annotations: nothing to check
+        return []
+    problems = []
+    for name, value in node.items():
+        if name.startswith("_") or name not in hints or OmegaConf.is_config(value):
+            continue
+        expected = _simple_types(hints[name])
+        if expected is not None and not any(_fits(value, kind) for kind in expected):
+            described = " or ".join(sorted({_describe(kind) for kind in expected}))
+            problems.append(f"{key}.{name} must be {described}, got {value!r}")
+    return problems
+
+
+def _simple_types(annotation: Any) -> list[Any] | None:
+    """The annotation's alternatives if all are simple (bool, int, float, str, None, a Literal's values), else None."""
+    import typing
+
+    if annotation in (bool, int, float, str, type(None)):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return [("literal", value) for value in typing.get_args(annotation)]
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        parts = [_simple_types(arg) for arg in typing.get_args(annotation)]
+        return None if any(part is None for part in parts) else [kind for part in parts for kind in part]
+    return None
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    if isinstance(kind, tuple):
+        return value == kind[1] and type(value) is type(kind[1])
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _describe(kind: Any) -> str:
+    if isinstance(kind, tuple):
+        return repr(kind[1])
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}[kind]
 
 
 def check_has_weights(net: torch.nn.Module) -> torch.nn.Module:

@@ -67,6 +67,9 @@ def check_config(cfg: DictConfig) -> None:
         problems += _check_number(cfg, "callbacks.last_checkpoint.keep_every_n_epochs", integer=True, minimum=0)
     if cfg.trainer.get("gradient_clip_val") is not None:
         problems += _check_number(cfg, "trainer.gradient_clip_val", minimum=0)
+    for key, minimum in {"accumulate_grad_batches": 1, "log_every_n_steps": 0, "check_val_every_n_epoch": 1, "max_steps": -1}.items():
+        if cfg.trainer.get(key) is not None:  # (Lightning takes a negative log_every_n_steps silently)
+            problems += _check_number(cfg, f"trainer.{key}", integer=True, minimum=minimum)
     if "precision" in cfg.trainer:  # what a lightning-hydra-template user types; Trainer would take it over ours
         problems.append(f"trainer.precision is not read here: precision is its own config group. Use precision={cfg.trainer.precision}")
     if cfg.matmul_precision not in ("highest", "high", "medium"):
