@@ -47,8 +47,8 @@ def run_name_suffix(override_dirname: str, limit: int = 80) -> str:
 
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 OmegaConf.register_new_resolver("run_name_suffix", run_name_suffix, replace=True)  # run and sweep-job directory names
-OmegaConf.register_new_resolver("command", command_name, replace=True)
-OmegaConf.register_new_resolver("basename", lambda path: Path(path).name, replace=True)  # the MLflow run's name  # ${command:train} in the help texts
+OmegaConf.register_new_resolver("command", command_name, replace=True)  # ${command:train} in the help texts
+OmegaConf.register_new_resolver("basename", lambda path: Path(path).name, replace=True)  # the MLflow run's name
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -145,5 +145,5 @@ def _check_nodes(trainer: DictConfig) -> list[str]:
     if launched or {"NODE_RANK", "MASTER_ADDR"} <= os.environ.keys():
         return []
     return [f"trainer.num_nodes={nodes} but this process is not one of several nodes: run it under SLURM "
-            "(hydra/launcher=submitit_slurm), torchrun, or start it on each node with NODE_RANK, MASTER_ADDR and MASTER_PORT set "
+            "(hydra/launcher=slurm), torchrun, or start it on each node with NODE_RANK, MASTER_ADDR and MASTER_PORT set "
             "(README: Scaling out)"]

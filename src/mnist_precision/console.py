@@ -94,12 +94,11 @@ def setup_job_console() -> None:
 
 
 def _thread_exception(args: threading.ExceptHookArgs) -> None:
-    """A background thread that failed to write (TensorBoard's event writer on a full disk): the main thread meets the
-    same error at its next write and reports it in one message (errors.explain_full_disk); the trace goes to the log."""
+    """A background thread that failed to write (TensorBoard's event writer on a full disk) prints nothing: the main
+    thread meets the same error at its next write and reports it in one message (errors.explain_full_disk)."""
     from mnist_precision.errors import WRITE_ERRORS
 
     if isinstance(args.exc_value, OSError) and args.exc_value.errno in WRITE_ERRORS:
-        logging.getLogger("mnist_precision").debug("a background thread could not write", exc_info=args.exc_value)
         return
     threading.__excepthook__(args)
 

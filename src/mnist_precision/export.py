@@ -34,7 +34,7 @@ from mnist_precision.config import CONF_DIR
 from mnist_precision.console import setup_job_console
 from mnist_precision.data import MNIST_MEAN, MNIST_STD, read_split
 from mnist_precision.errors import UserError, log_job_error, report_user_errors
-from mnist_precision.runs import eval_argv, override_value
+from mnist_precision.runs import asks_hydra_only, eval_argv, override_value
 
 LOG = logging.getLogger("mnist_precision")
 FLOAT_TYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -194,7 +194,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def export_argv(argv: list[str]) -> list[str]:
     """The run's own overrides (as mnist-eval replays them), writing into <run>/export/."""
     argv = eval_argv(argv)
-    if any(arg in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info") for arg in argv):
+    if asks_hydra_only(argv):
         return argv
     ckpt = Path(override_value(argv, "ckpt_path"))  # checked, and made absolute, by eval_argv
     return [*argv, f"hydra.run.dir='{ckpt.parent.parent / 'export'}'"]

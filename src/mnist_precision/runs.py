@@ -137,14 +137,21 @@ def check_group_overrides(argv: list[str]) -> None:
             raise UserError(f"{arg}: a config group takes an option, not null; {fix}{one}")
 
 
-INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info")  # Hydra prints and exits: nothing runs
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info")
+
+
+def asks_hydra_only(argv: list[str]) -> bool:
+    """`--help`, `--cfg job` and the like: Hydra prints and exits, nothing runs (so nothing is checked or replayed)."""
+    return any(arg.split("=")[0] in INFO_FLAGS for arg in argv)
+
+
 SUBMITIT_LAUNCHERS = ("slurm", "submitit_slurm", "submitit_local")  # conf/hydra/launcher/slurm.yaml and the plugin's own
 
 
 def check_launcher(argv: list[str]) -> None:
     """`hydra/launcher=slurm`: Hydra uses a launcher only for a sweep, and the submitit one needs its plugin and sbatch."""
     launcher = override_value(argv, "hydra/launcher")
-    if launcher is None or launcher == "basic" or any(arg.split("=")[0] in INFO_FLAGS for arg in argv):
+    if launcher is None or launcher == "basic" or asks_hydra_only(argv):
         return
     if not any(arg in ("-m", "--multirun") for arg in argv):
         raise UserError(f"hydra/launcher={launcher} launches the jobs of a sweep, and this is a single run: add -m (a sweep of one job).")
@@ -163,7 +170,7 @@ def train_argv(argv: list[str]) -> list[str]:
     """Checks `ckpt_path=`; turns `resume=<run_dir>|latest` into the run's saved overrides + the new ones, run dir pinned."""
     check_group_overrides(argv)
     check_launcher(argv)
-    if not any(arg.split("=")[0] in INFO_FLAGS for arg in argv):
+    if not asks_hydra_only(argv):
         check_writable(log_dir_from(argv), "paths.log_dir")
     argv = quote_values(argv)
     resume, ckpt = override_value(argv, "resume"), override_value(argv, "ckpt_path")
@@ -188,7 +195,7 @@ def train_argv(argv: list[str]) -> list[str]:
 def eval_argv(argv: list[str]) -> list[str]:
     """`ckpt_path=<file> ...` -> the overrides of the run that wrote the checkpoint + the new ones."""
     argv = quote_values(argv)
-    if any(arg.split("=")[0] in INFO_FLAGS for arg in argv):
+    if asks_hydra_only(argv):
         return argv
     ckpt = override_value(argv, "ckpt_path")
     if ckpt is None:

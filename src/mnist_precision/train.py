@@ -151,7 +151,6 @@ def log_dashboard(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]
             write_mlflow(logger, cfg, metrics, trainer.global_step)
 
 
-LOCKED_BY_MAIN: list[str] = []  # the run dir main() locked for a resume
 RESTORE_RUN_FILES: list = []  # set by main() for a resume: puts the run's .hydra/ files back if the resume is refused
 SWEEP_RESULTS: list[dict[str, float]] = []  # set by SweepReport: each finished job's metrics
 FAILED_SWEEP_JOBS: list[str] = []  # set by SweepReport: each failed job's directory and error
@@ -184,6 +183,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     setup_job_console()
     rank = launch_rank()
+    new_run = rank == "0" and not cfg.resume  # (main() locked a resumed run before Hydra rewrote its .hydra/ files)
     if rank != "0":  # another process of a DDP job (see ddp_rank_argv): its own log, in the job's directory
         use_job_log(run_dir / f"{hydra_cfg.job.name}_rank_{rank}.log")
         LOG.info(f"rank {rank} of the job {' '.join(hydra_cfg.overrides.task)}")
@@ -193,7 +193,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             cfg.resume = str(run_dir)
     environment = dict(os.environ)
     os.environ[DDP_JOB] = json.dumps({"overrides": list(hydra_cfg.overrides.task), "run_dir": str(run_dir)})
-    new_run = rank == "0" and str(run_dir.resolve()) not in LOCKED_BY_MAIN  # main() locked a resumed run before Hydra rewrote it
     try:
         with run_lock(run_dir) if new_run else nullcontext():
             if rank == "0" and slurm_job_id():  # what a requeued job looks for (runs.requeued_run)
@@ -251,7 +250,7 @@ def ddp_rank_argv() -> list[str] | None:
     Under a sweep that line is the whole sweep (`-m precision=32,bf16-mixed`): each rank would run every job and
     write a second sweep directory, pairing with rank 0's jobs in whatever order. Rank 0 leaves its job's own
     overrides in the environment the new process inherits; that process runs exactly that job, in its directory,
-    writing only its log (`train_ddp_process_<rank>.log`). Under torchrun or SLURM every rank has its own command
+    writing only its log (`train_rank_<rank>.log`). Under torchrun or SLURM every rank has its own command
     line and this does nothing.
     """
     job = os.environ.get(DDP_JOB)
@@ -341,7 +340,6 @@ def main() -> None:
             sys.argv.append("hydra.output_subdir=null")
         with resume_guard(sys.argv[1:] if first else []) as restore_run_files:
             RESTORE_RUN_FILES[:] = [restore_run_files]
-            LOCKED_BY_MAIN[:] = [str(Path(resume).resolve())] if first and (resume := override_value(sys.argv[1:], "resume")) else []
             _hydra_main()
         if SWEEP_RESULTS:
             print(sweep_summary(SWEEP_RESULTS), flush=True)
