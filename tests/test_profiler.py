@@ -1,12 +1,17 @@
-"""debug=profiler: Lightning's PyTorchProfiler writes a per-layer table and a trace into the run directory."""
+"""Profilers: by default none, at no per-hook cost; debug=profiler: Lightning's PyTorchProfiler writes a per-layer table and a
+trace into the run directory."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
 from test_cli import only_run_dir
 
 from mnist_precision import train as train_cli
+from mnist_precision.build import build_run
+from mnist_precision.profiling import LayerProfiler, NoProfiler
 
 
 def test_debug_profiler_writes_a_layer_table_and_a_perfetto_trace(run_main, tmp_path):
@@ -21,3 +26,19 @@ def test_debug_profiler_writes_a_layer_table_and_a_perfetto_trace(run_main, tmp_
     assert rows[0][0] == "| `net`"  # the whole network's forward contains every layer's
     traces = list(profile.glob("*.pt.trace.json"))
     assert traces and "traceEvents" in json.loads(traces[0].read_text())
+
+
+def test_no_profiler_by_default_does_nothing_at_no_per_hook_cost(make_config):
+    run = build_run(make_config())
+    profiler = run.trainer.profiler
+    assert isinstance(profiler, NoProfiler) and isinstance(profiler, PassThroughProfiler)  # what profiler=None means
+    first, second = profiler.profile("[Callback]a.on_train_batch_end"), profiler.profile("[Strategy]b.training_step")
+    assert first is second  # one shared context for every hook call, none built per call
+    with first as outer, second as inner:  # nested hook calls enter it twice
+        assert outer is inner is None
+    assert profiler.summary() == ""
+
+
+@pytest.mark.parametrize(("override", "kind"), [("debug=profiler", LayerProfiler), ("trainer.profiler=simple", SimpleProfiler)])
+def test_a_chosen_profiler_replaces_it(make_config, override, kind):
+    assert type(build_run(make_config(override)).trainer.profiler) is kind

@@ -23,6 +23,7 @@ from mnist_precision.dashboard import mlflow_run_to_resume
 from mnist_precision.data import MNISTDataModule
 from mnist_precision.errors import UserError
 from mnist_precision.master_precision import MasterCopyPrecision
+from mnist_precision.profiling import NoProfiler
 from mnist_precision.runs import quote_values
 
 
@@ -77,8 +78,10 @@ def build_run(cfg: DictConfig) -> Run:
                for name, node in (cfg.get("logger") or {}).items() if node is not None]
     precision = precision_arguments(cfg.precision, cfg.trainer, cfg.optimizer)
     plugins = [AtomicCheckpointIO(), *precision.pop("plugins", [])]
+    no_profiler = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}  # what None means, minus its per-hook cost
     # _convert_: Lightning reads plain dicts (max_time={hours: 12}), not OmegaConf's DictConfig.
-    trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **precision, _convert_="all")
+    trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **precision, **no_profiler,
+                    _convert_="all")
     return Run(build("data", cfg.data), model, trainer, test_callbacks)
 
 
