@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import operator
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 def test_mnist_bench_writes_json_markdown_chart_and_tensorboard(run_main, tmp_path):
     result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32,16-master]", "bench.warmup_epochs=1",
-                      "bench.epochs=1", "data.batch_size=128")
+                      "bench.epochs=1", "bench.rounds=1", "data.batch_size=128")
     assert result.code == 0, result.stderr[-3000:]
     assert "[1/5] mlp" in result.stdout and "samples/s" in result.stdout  # progress
     run_dir = next((tmp_path / "logs/bench").iterdir())
@@ -60,12 +62,25 @@ def test_gpu_benchmarks_say_they_need_a_gpu_on_cpu(script):
     assert done.returncode == 0 and "needs a CUDA GPU" in done.stdout
 
 
-def test_limit_train_batches_limits_the_baselines_too(run_main, tmp_path):
-    """Every row trains on the same number of batches, so the ratios compare equal work (issue 8)."""
-    result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32]", "bench.rounds=1", "bench.warmup_epochs=1",
-                      "bench.epochs=1", "bench.limit_train_batches=3")
+def test_limit_train_batches_limits_the_baselines_too_and_they_take_turns_epoch_by_epoch(run_main, tmp_path):
+    """Every row trains on the same number of batches, so the ratios compare equal work; and the configurations run
+    one epoch each in turn, never two at once, so a ratio pairs epochs run one right after the other (issue 8)."""
+    result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32]", "bench.rounds=2", "bench.warmup_epochs=1",
+                      "bench.epochs=2", "bench.limit_train_batches=3")
     assert result.code == 0, result.stderr[-3000:]
     report = json.loads((next((tmp_path / "logs/bench").iterdir()) / "bench.json").read_text())
     assert {r["kind"]: r["steps_per_epoch"] for r in report["results"]} == {
         "template": 3, "bare lightning": 3, "plain loop": 3, "per-sample pipeline": 3}
-    assert all(r["epoch_seconds"] > 0 and len(r["epoch_seconds_by_round"]) == 1 for r in report["results"])
+    assert all(r["epoch_seconds"] > 0 and len(r["epoch_seconds_by_round"]) == 2 for r in report["results"])
+    in_turn = ["template", "bare lightning", "plain loop", "per-sample pipeline"]  # the per-sample pipeline: 2 epochs
+    for round_number in range(2):
+        epochs = sorted((start, end, r["kind"]) for r in report["results"] for start, end in r["epoch_spans_by_round"][round_number])
+        assert all(end <= next_start for (_, end, _), (next_start, _, _) in pairwise(epochs))  # one at a time
+        assert [kind for *_, kind in epochs] == in_turn * 2 + in_turn[:3]
+
+
+def test_a_ratio_is_the_median_of_epochs_paired_in_time():
+    run = {"timed_epoch_seconds_by_round": [[2.0, 9.0], [3.0]]}  # the machine was slow for the second epoch of round 1
+    reference = {"timed_epoch_seconds_by_round": [[1.0, 6.0], [2.0, 2.5]]}
+    assert bench_cli.paired(run, reference, operator.truediv) == 1.5  # median of 2.0, 1.5, 1.5: not 3.0 / 2.25
+    assert bench_cli.paired(run, reference, operator.sub) == 1.0

@@ -10,9 +10,12 @@ model it also times, on the same resident tensors, model, batch size and number 
 - the usual per-sample torchvision pipeline (`ToTensor` + `Normalize` through a DataLoader, training
   and validation).
 
-Each configuration runs in its own worker process (so peak memory is its own), and the workers take
-turns, `bench.rounds` times: a ratio comes from measurements interleaved in one run on a noisy machine,
-and each figure is the median over the rounds of the median over the timed epochs of a round.
+Each configuration runs in its own worker process (so peak memory is its own), and the workers of one model
+take turns epoch by epoch: each epoch starts when the previous configuration's epoch has ended, so the
+configurations see the same machine within a second or two of each other. A ratio is the median, over the
+timed epochs of `bench.rounds` runs, of the ratio of two epochs run one right after the other: on a shared
+machine whose speed drifts by 2x over seconds, that pairing is what makes one run's ratio mean something.
+The other figures are the median over the rounds of the median over the timed epochs of a round.
 
 Writes bench.json, bench.md, bench.png and TensorBoard scalars into the run directory.
 """
@@ -21,14 +24,17 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import operator
 import resource
 import statistics
 import time
-from itertools import islice, pairwise
+from itertools import islice
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
 import hydra
+import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
@@ -39,7 +45,7 @@ from mnist_precision.build import build_run, compose_training_config, runs_on_cp
 from mnist_precision.callbacks import TrainingMonitor, synchronize
 from mnist_precision.config import CONF_DIR
 from mnist_precision.data import MNIST_MEAN, MNIST_STD, EpochPermutation, MNISTDataModule, TensorBatchLoader
-from mnist_precision.errors import report_user_errors
+from mnist_precision.errors import UserError, report_user_errors
 
 BASELINES = ("bare lightning", "plain loop", "per-sample pipeline")
 
@@ -50,19 +56,52 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def steady_state(history: list[tuple[int, float]], epoch_seconds: list[float], steps_per_epoch: int, warmup: int) -> dict[str, float]:
+class Turns:
+    """A worker's side of the epoch-by-epoch alternation. `mark()` at the start of every epoch and once after the last:
+    it closes the running epoch (its whole time goes to the parent), then waits until the parent says go."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.spans: list[tuple[float, float]] = []  # (start, end) of each epoch, on the machine's monotonic clock
+        self.started: float | None = None
+
+    def mark(self, device: torch.device) -> None:
+        synchronize(device)
+        if self.started is None:
+            self.connection.send(("ready", None))
+        else:
+            self.spans.append((self.started, time.perf_counter()))
+            self.connection.send(("epoch", self.spans[-1]))
+        self.connection.recv()  # go
+        self.started = time.perf_counter()
+
+
+class TakeTurns(L.Callback):
+    """The template's epochs take their turns: first of the callbacks, so the others' clocks start after the wait."""
+
+    def __init__(self, turns: Turns) -> None:
+        self.turns = turns
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.turns.mark(pl_module.device)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.turns.mark(pl_module.device)
+
+
+def steady_state(history: list[tuple[int, float]], turns: Turns, steps_per_epoch: int, warmup: int) -> dict[str, Any]:
     """Medians over the epochs after the warm-up: training samples/s (from (samples, training seconds) per epoch)
-    and whole-epoch seconds; with the steps an epoch takes, for the per-step overhead."""
+    and whole-epoch seconds; with the steps an epoch takes, for the per-step overhead; and each timed epoch's seconds,
+    for the paired ratios, and when each epoch ran."""
+    epoch_seconds = [end - start for start, end in turns.spans]
     timed, whole = history[warmup:] or history, epoch_seconds[warmup:] or epoch_seconds
     return {
+        "epoch_spans": turns.spans,
         "samples_per_sec": statistics.median(samples / seconds for samples, seconds in timed),
         "epoch_seconds": statistics.median(whole),
         "steps_per_epoch": steps_per_epoch,
+        "timed_epoch_seconds": whole,
     }
-
-
-def between(marks: list[float]) -> list[float]:
-    return [end - start for start, end in pairwise(marks)]
 
 
 def batches(n_batches: int, limit: int | float | None) -> int:
@@ -72,17 +111,18 @@ def batches(n_batches: int, limit: int | float | None) -> int:
     return min(int(limit), n_batches) if isinstance(limit, int) else int(n_batches * limit)
 
 
-def measure_template(overrides: list[str], output_dir: str, warmup: int) -> dict[str, Any]:
+def measure_template(overrides: list[str], output_dir: str, warmup: int, turns: Turns) -> dict[str, Any]:
     """`mnist-train` as users run it: fit (whole epochs timed), then test for the accuracy."""
     cfg = compose_training_config(overrides, Path(output_dir))
     run = build_run(cfg)
     monitor = next(cb for cb in run.trainer.callbacks if isinstance(cb, TrainingMonitor))
+    run.trainer.callbacks.insert(0, TakeTurns(turns))
     run.fit()
     fit_metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
     test_metrics = run.test(verbose=False)
     plugin = run.trainer.precision_plugin
     return {
-        **steady_state(monitor.history, between(monitor.epoch_marks), run.trainer.num_training_batches, warmup),
+        **steady_state(monitor.history, turns, run.trainer.num_training_batches, warmup),
         "peak_memory_mb": peak_memory_mb(run.model.device),
         "test_acc": test_metrics["test/acc"],
         "final_loss": fit_metrics.get("train/loss_epoch"),
@@ -111,7 +151,7 @@ def loader(cfg: DictConfig, images: torch.Tensor, targets: torch.Tensor, shuffle
     return batch_loader, batches(len(batch_loader), limit)
 
 
-def measure_plain_loop(overrides: list[str], output_dir: str, warmup: int) -> dict[str, Any]:
+def measure_plain_loop(overrides: list[str], output_dir: str, warmup: int, turns: Turns) -> dict[str, Any]:
     """The same model, optimizer, batches and validation pass in a minimal hand-written loop over resident tensors."""
     cfg = compose_training_config(overrides, Path(output_dir))
     torch.manual_seed(cfg.seed)
@@ -120,11 +160,10 @@ def measure_plain_loop(overrides: list[str], output_dir: str, warmup: int) -> di
     optimizer = instantiate(cfg.optimizer)(params=net.parameters())
     train_loader, n_train = loader(cfg, *splits["train"], shuffle=True, train=True)
     val_loader, n_val = loader(cfg, *splits["val"], shuffle=False, train=False)
-    history, marks = [], []
+    history = []
     for epoch in range(cfg.trainer.max_epochs):
         train_loader.sampler.set_epoch(epoch)
-        synchronize(device)
-        marks.append(time.perf_counter())
+        turns.mark(device)
         samples = 0
         net.train()
         for images, targets in islice(train_loader, n_train):
@@ -134,20 +173,17 @@ def measure_plain_loop(overrides: list[str], output_dir: str, warmup: int) -> di
             optimizer.step()
             samples += len(images)
         synchronize(device)
-        history.append((samples, time.perf_counter() - marks[-1]))
+        history.append((samples, time.perf_counter() - turns.started))
         net.eval()
         with torch.no_grad():
             correct = sum((net(images).argmax(1) == targets.argmax(1)).sum() for images, targets in islice(val_loader, n_val))
         float(correct)  # the validation accuracy, read as a template reads it
-    synchronize(device)
-    marks.append(time.perf_counter())
-    return {**steady_state(history, between(marks), n_train, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
+    turns.mark(device)
+    return {**steady_state(history, turns, n_train, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
 
 
-def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int) -> dict[str, Any]:
+def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int, turns: Turns) -> dict[str, Any]:
     """Lightning's own floor: the same model, data and validation in a bare LightningModule, `Trainer(barebones=True)`."""
-    import lightning as L
-
     cfg = compose_training_config(overrides, Path(output_dir))
     torch.manual_seed(cfg.seed)
     splits, device = resident_splits(cfg)
@@ -158,7 +194,6 @@ def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int) -
         def __init__(self) -> None:
             super().__init__()
             self.net = instantiate(cfg.model)
-            self.marks: list[float] = []
             self.history: list[tuple[int, float]] = []
 
         def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -171,17 +206,15 @@ def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int) -
             return instantiate(cfg.optimizer)(params=self.parameters())
 
         def on_train_epoch_start(self) -> None:
-            synchronize(self.device)
-            self.marks.append(time.perf_counter())
+            turns.mark(self.device)
 
         def on_validation_start(self) -> None:
             synchronize(self.device)
             samples = self.trainer.num_training_batches * cfg.data.batch_size  # (a partial last batch counts whole)
-            self.history.append((samples, time.perf_counter() - self.marks[-1]))
+            self.history.append((samples, time.perf_counter() - turns.started))
 
         def on_train_end(self) -> None:
-            synchronize(self.device)
-            self.marks.append(time.perf_counter())
+            turns.mark(self.device)
 
     train_loader, _ = loader(cfg, *splits["train"], shuffle=True, train=True)
     val_loader, _ = loader(cfg, *splits["val"], shuffle=False, train=False)
@@ -191,10 +224,10 @@ def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int) -
     bare = Bare()
     trainer.fit(bare, train_dataloaders=train_loader, val_dataloaders=val_loader)
     steps = trainer.num_training_batches
-    return {**steady_state(bare.history, between(bare.marks), steps, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": None}
+    return {**steady_state(bare.history, turns, steps, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": None}
 
 
-def measure_per_sample_pipeline(overrides: list[str], output_dir: str, warmup: int) -> dict[str, Any]:
+def measure_per_sample_pipeline(overrides: list[str], output_dir: str, warmup: int, turns: Turns) -> dict[str, Any]:
     """What a typical template does: torchvision transforms per sample, collated by a DataLoader, for training and
     validation (warm-up + 1 timed epoch: slow by design)."""
     from torch.utils.data import DataLoader, Subset
@@ -213,10 +246,9 @@ def measure_per_sample_pipeline(overrides: list[str], output_dir: str, warmup: i
     n_train, n_val = batches(len(train_loader), cfg.trainer.limit_train_batches), batches(len(val_loader), cfg.trainer.limit_val_batches)
     net = instantiate(cfg.model).to(device)
     optimizer = instantiate(cfg.optimizer)(params=net.parameters())
-    history, marks = [], []
+    history = []
     for _ in range(min(cfg.trainer.max_epochs, warmup + 1)):
-        synchronize(device)
-        marks.append(time.perf_counter())
+        turns.mark(device)
         samples = 0
         for x, y in islice(train_loader, n_train):
             loss = F.cross_entropy(net(x.to(device)), y.to(device))
@@ -225,12 +257,11 @@ def measure_per_sample_pipeline(overrides: list[str], output_dir: str, warmup: i
             optimizer.step()
             samples += len(x)
         synchronize(device)
-        history.append((samples, time.perf_counter() - marks[-1]))
+        history.append((samples, time.perf_counter() - turns.started))
         with torch.no_grad():
             float(sum((net(x.to(device)).argmax(1) == y.to(device)).sum() for x, y in islice(val_loader, n_val)))
-    synchronize(device)
-    marks.append(time.perf_counter())
-    return {**steady_state(history, between(marks), n_train, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
+    turns.mark(device)
+    return {**steady_state(history, turns, n_train, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
 
 
 MEASURE: dict[str, Callable[..., dict[str, Any]]] = {
@@ -239,9 +270,10 @@ MEASURE: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
-def _start_worker() -> None:
-    """Each worker: its Lightning banners and progress bar out of the progress lines, and every run, the
-    baselines too, without torch's per-step NVML probe (a plain loop never imports Lightning, which asks for it)."""
+def _worker(kind: str, overrides: list[str], output_dir: str, warmup: int, connection: Connection) -> None:
+    """One configuration, in its own process: its Lightning banners and progress bar out of the progress lines, and
+    every run, the baselines too, without torch's per-step NVML probe (a plain loop never imports Lightning, which asks
+    for it). Its result or its error goes back through the connection."""
     import logging
     import os
     import sys
@@ -252,6 +284,10 @@ def _start_worker() -> None:
     warnings.filterwarnings("ignore")
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- the worker's own, for its lifetime (the bar still draws)
     skip_nvml_probe_without_gpu()
+    try:
+        connection.send(("result", MEASURE[kind](overrides, output_dir, warmup, Turns(connection))))
+    except Exception as error:  # the parent raises it (a UserError is reported as such)
+        connection.send(("error", error if isinstance(error, UserError) else RuntimeError(f"{kind}: {type(error).__name__}: {error}")))
 
 
 def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
@@ -263,58 +299,105 @@ def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     jobs = []
     for model in settings.models:
         model_overrides = [f"model={model}", *settings.model_overrides.get(model, [])]
-        jobs += [("template", model, str(p), model_overrides + [f"precision={p}"]) for p in settings.precisions]
+        jobs += [("template", model, str(p), base + model_overrides + [f"precision={p}"]) for p in settings.precisions]
         if settings.baselines:
-            jobs += [(kind, model, "32", model_overrides) for kind in BASELINES]
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Pool(1, initializer=_start_worker) for _ in jobs]  # one process per configuration, reused each round
+            jobs += [(kind, model, "32", base + model_overrides) for kind in BASELINES]
     rounds: list[list[dict[str, Any]]] = [[] for _ in jobs]
-    try:
-        for round_number in range(1, settings.rounds + 1):
-            print(f"round {round_number}/{settings.rounds}", flush=True)
-            for number, ((kind, model, precision, overrides), worker) in enumerate(zip(jobs, workers, strict=True), 1):
-                print(f"[{number}/{len(jobs)}] {model:9s} {precision:12s} {kind} ...", end=" ", flush=True)
-                output_dir = run_dir / "runs" / f"{model}_{precision}_{kind.replace(' ', '_')}_round{round_number}"
-                result = worker.apply(MEASURE[kind], (base + overrides, str(output_dir), settings.warmup_epochs))
-                rounds[number - 1].append(result)
-                print(f"{result['epoch_seconds']:.3f} s/epoch, {result['samples_per_sec']:,.0f} samples/s (training)", flush=True)
-    finally:
-        for worker in workers:
-            worker.close()
-            worker.join()
+    for round_number in range(1, settings.rounds + 1):
+        for model in settings.models:  # one model's workers at a time: each holds the data and a model
+            numbers = [number for number, job in enumerate(jobs) if job[1] == model]
+            print(f"round {round_number}/{settings.rounds}, {model}: {len(numbers)} configurations taking turns epoch by epoch", flush=True)
+            for number, result in zip(numbers, take_turns([jobs[n] for n in numbers], run_dir, round_number, settings.warmup_epochs), strict=True):
+                rounds[number].append(result)
+                kind, _, precision, _ = jobs[number]
+                print(f"[{number + 1}/{len(jobs)}] {model:9s} {precision:12s} {kind:20s} {result['epoch_seconds']:.3f} s/epoch, "
+                      f"{result['samples_per_sec']:,.0f} samples/s (training)", flush=True)
     return [{"model": model, "precision": precision, "kind": kind, **median_of_rounds(results)}
             for (kind, model, precision, _), results in zip(jobs, rounds, strict=True)]
 
 
+def take_turns(jobs: list[tuple[str, str, str, list[str]]], run_dir: Path, round_number: int, warmup: int) -> list[dict[str, Any]]:
+    """Starts one worker process per configuration; then, over and over, lets each run one epoch in turn (the others
+    wait), until each has sent its result. Nothing runs beside an epoch: every worker's setup and sanity check are done
+    before the first epoch starts, and its test and exit happen in its last turn."""
+    context = multiprocessing.get_context("spawn")
+    workers = []
+    for kind, model, precision, overrides in jobs:
+        here, there = context.Pipe()
+        output_dir = run_dir / "runs" / f"{model}_{precision}_{kind.replace(' ', '_')}_round{round_number}"
+        process = context.Process(target=_worker, args=(kind, overrides, str(output_dir), warmup, there), daemon=True)
+        process.start()
+        there.close()  # the worker's end is the worker's: a worker that dies is then an EOFError here, not a hang
+        workers.append((process, here))
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+
+    def reply(number: int) -> Any:
+        try:
+            what, value = workers[number][1].recv()
+        except EOFError:
+            raise RuntimeError(f"the {jobs[number][0]} worker ({jobs[number][1]}) died; rerun to see why") from None
+        if what == "error":
+            raise value
+        if what == "result":
+            results[number] = value
+            workers[number][0].join()  # its exit (seconds, for a process holding torch) must not overlap the next epoch
+
+    try:
+        for number in range(len(jobs)):  # all set up (data, model, sanity check) before the first epoch starts
+            reply(number)
+        while None in results:
+            for number, (_, connection) in enumerate(workers):
+                if results[number] is None:
+                    connection.send("go")
+                    reply(number)
+    finally:
+        for process, connection in workers:
+            connection.close()
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    return results
+
+
 def median_of_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Timings: the median over the rounds (each round's own figure is kept too); everything else: the last round's."""
-    merged = dict(results[-1])
+    merged = {key: value for key, value in results[-1].items() if key not in ("timed_epoch_seconds", "epoch_spans")}
     for key in ("samples_per_sec", "epoch_seconds"):
         merged[key] = statistics.median(r[key] for r in results)
+    for key in ("samples_per_sec", "epoch_seconds", "timed_epoch_seconds", "epoch_spans"):
         merged[f"{key}_by_round"] = [r[key] for r in results]
     return merged
 
 
+def paired(run: dict[str, Any], reference: dict[str, Any], compare: Callable[[float, float], float]) -> float:
+    """The median, over the timed epochs of every round, of compare(run's epoch, the reference's epoch run right
+    before or after it)."""
+    pairs = [(mine, theirs) for rounds in zip(run["timed_epoch_seconds_by_round"], reference["timed_epoch_seconds_by_round"], strict=True)
+             for mine, theirs in zip(*rounds, strict=False)]  # the per-sample pipeline times one epoch
+    return statistics.median(compare(mine, theirs) for mine, theirs in pairs)
+
+
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model, FP32: whole-epoch time against the plain loop, and the per-step overhead that makes the difference."""
+    """Per model, FP32, from epochs paired in time: the whole-epoch time against the plain loop, and the per-step
+    overhead that makes the difference."""
     rows = []
     for model in dict.fromkeys(r["model"] for r in results):
         by_kind = {r["kind"]: r for r in results if r["model"] == model and r["precision"] == "32"}
         if {"template", "plain loop"} <= by_kind.keys():
             plain, template = by_kind["plain loop"], by_kind["template"]
-            row = {"model": model, "template / plain loop (epoch time)": template["epoch_seconds"] / plain["epoch_seconds"],
+            row = {"model": model, "template / plain loop (epoch time)": paired(template, plain, operator.truediv),
                    "template overhead (us/step)": overhead_us_per_step(template, plain)}
             if "bare lightning" in by_kind:
-                row["bare lightning / plain loop"] = by_kind["bare lightning"]["epoch_seconds"] / plain["epoch_seconds"]
+                row["bare lightning / plain loop"] = paired(by_kind["bare lightning"], plain, operator.truediv)
                 row["bare lightning overhead (us/step)"] = overhead_us_per_step(by_kind["bare lightning"], plain)
             if "per-sample pipeline" in by_kind:
-                row["per-sample pipeline / template"] = by_kind["per-sample pipeline"]["epoch_seconds"] / template["epoch_seconds"]
+                row["per-sample pipeline / template"] = paired(by_kind["per-sample pipeline"], template, operator.truediv)
             rows.append(row)
     return rows
 
 
 def overhead_us_per_step(run: dict[str, Any], plain: dict[str, Any]) -> float:
-    return 1e6 * (run["epoch_seconds"] - plain["epoch_seconds"]) / plain["steps_per_epoch"]
+    return 1e6 * paired(run, plain, operator.sub) / plain["steps_per_epoch"]
 
 
 def markdown(results: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], machine: str) -> str:

@@ -216,21 +216,17 @@ class TrainingMonitor(L.Callback):
         self._samples = 0
         self._timing = False
         self.history: list[tuple[int, float]] = []  # (samples, training seconds) per epoch, for mnist-bench
-        self.epoch_marks: list[float] = []  # each epoch's start, then the end of training: whole epochs, for mnist-bench
         self.fit_seconds: float | None = None
         self._fit_clock: Stopwatch | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(pl_module.device)
         self._start, self._samples, self._timing = time.perf_counter(), 0, True
-        self.epoch_marks.append(self._start)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_clock = Stopwatch(pl_module.device)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        synchronize(pl_module.device)
-        self.epoch_marks.append(time.perf_counter())
         if self._fit_clock is not None:
             self.fit_seconds = self._fit_clock.seconds()
 
