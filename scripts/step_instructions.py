@@ -9,7 +9,7 @@ Each of the three runs takes the same model, optimizer, batches (resident tensor
 and counts steps FIRST..FIRST+STEPS-1 of the first epoch: STEPS=50 holds one of mnist-train's logging steps
 (`trainer.log_every_n_steps=50`), so the figure is the average a user's epoch pays.
 
-    python scripts/step_instructions.py [mnist-train overrides ...]    # needs valgrind; about 5 minutes
+    python scripts/step_instructions.py [mnist-train overrides ...]    # needs valgrind; 5-10 minutes on 2 cores
 """
 
 from __future__ import annotations
