@@ -15,6 +15,7 @@ and counts steps FIRST..FIRST+STEPS-1 of the first epoch: STEPS=50 holds one of 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,9 @@ RUNS = ("plain loop", "bare lightning", "mnist-train")
 
 
 def main() -> None:
+    missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
+    if missing:
+        sys.exit(f"{' and '.join(missing)} not found: this count needs valgrind (Debian/Ubuntu: apt install valgrind).")
     overrides = sys.argv[1:]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -38,7 +42,7 @@ def main() -> None:
         per_step = {}
         for i, (run, worker) in enumerate(workers.items()):
             _, stderr = worker.communicate()
-            dumps = [path for path in Path(tmp).glob(f"{i}.*.1")]  # callgrind_control --dump's file
+            dumps = list(Path(tmp).glob(f"{i}.*.1"))  # callgrind_control --dump's file
             if worker.returncode != 0 or len(dumps) != 1:
                 sys.exit(f"{run}: the counted run failed:\n{stderr[-3000:]}")
             totals = next(line for line in dumps[0].read_text().splitlines() if line.startswith("totals:"))

@@ -84,3 +84,14 @@ def test_a_ratio_is_the_median_of_epochs_paired_in_time():
     reference = {"timed_epoch_seconds_by_round": [[1.0, 6.0], [2.0, 2.5]]}
     assert bench_cli.paired(run, reference, operator.truediv) == 1.5  # median of 2.0, 1.5, 1.5: not 3.0 / 2.25
     assert bench_cli.paired(run, reference, operator.sub) == 1.0
+
+
+def test_instruction_count_without_valgrind_is_one_message(tmp_path):
+    """scripts/step_instructions.py (README, Performance) needs valgrind; without it: one line, exit 1, no traceback."""
+    python_only = tmp_path / "bin"
+    python_only.mkdir()
+    (python_only / "python").symlink_to(sys.executable)
+    done = subprocess.run([str(python_only / "python"), str(SCRIPTS / "step_instructions.py"), "trainer=cpu"], capture_output=True,
+                          text=True, timeout=60, env={"PATH": str(python_only)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "valgrind and callgrind_control not found: this count needs valgrind (Debian/Ubuntu: apt install valgrind)."
