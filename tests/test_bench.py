@@ -6,11 +6,13 @@ import json
 import operator
 import subprocess
 import sys
+import time
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST
 
 from mnist_precision import bench as bench_cli
 
@@ -78,6 +80,31 @@ def test_limit_train_batches_limits_the_baselines_too_and_they_take_turns_epoch_
         assert all(end <= next_start for (_, end, _), (next_start, _, _) in pairwise(epochs))  # one at a time
         assert [kind for *_, kind in epochs] == in_turn * 2 + in_turn[:3]
 
+
+class SlowParent:
+    """The parent's end of a worker's connection, as seen by the worker: every "go" comes WAIT seconds later."""
+
+    WAIT = 1.0
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, object]] = []
+
+    def send(self, message: tuple[str, object]) -> None:
+        self.sent.append(message)
+
+    def recv(self) -> str:
+        time.sleep(self.WAIT)
+        return "go"
+
+
+def test_the_template_waits_for_its_turn_outside_its_clocks(mnist_root, tmp_path):
+    """TakeTurns runs before the template's own epoch-start hooks: the wait is in neither the epoch nor samples/s."""
+    parent = SlowParent()
+    overrides = [f"data.data_dir={mnist_root}", *FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=2"]
+    result = bench_cli.measure_template(overrides, str(tmp_path / "run"), 0, bench_cli.Turns(parent))
+    assert [what for what, _ in parent.sent] == ["ready", "epoch", "epoch"]
+    assert all(end - start < SlowParent.WAIT for start, end in result["epoch_spans"])
+    assert result["samples_per_sec"] > 2 * 64 / SlowParent.WAIT  # 2 batches of 64 trained in less than one wait
 
 def test_a_ratio_is_the_median_of_epochs_paired_in_time():
     run = {"timed_epoch_seconds_by_round": [[2.0, 9.0], [3.0]]}  # the machine was slow for the second epoch of round 1
