@@ -109,12 +109,16 @@ def worker(run: str, tmp: str, overrides: list[str]) -> None:
         def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
             return F.cross_entropy(self.net(batch[0]), batch[1])
 
+        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return (self.net(batch[0]).argmax(1) == batch[1].argmax(1)).sum()
+
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return optimizer
 
+    validation, _ = loader(cfg, *built.datamodule.splits["val"], shuffle=False, train=False)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, barebones=True, limit_train_batches=FIRST + STEPS,
-                        limit_val_batches=0, use_distributed_sampler=False, callbacks=[count])
-    trainer.fit(Bare(), train_dataloaders=batches)
+                        limit_val_batches=1, use_distributed_sampler=False, callbacks=[count])
+    trainer.fit(Bare(), train_dataloaders=batches, val_dataloaders=validation)  # validates, as the bench's bare run does
 
 
 if __name__ == "__main__":

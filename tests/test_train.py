@@ -128,3 +128,58 @@ def test_without_a_gpu_torchs_per_step_nvml_probe_is_switched_off(make_config, m
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # no GPU: every Adam step would probe NVML
     build_run(make_config())
     assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "0"
+
+
+def test_the_classifier_sets_plain_attributes_directly_and_still_registers_parameters_modules_and_buffers():
+    from mnist_precision.classifier import MNISTClassifier
+    from mnist_precision.models import mlp
+
+    model = MNISTClassifier(mlp(), optimizer=torch.optim.SGD)
+    model.note = None  # a new name: nn.Module's path, then the direct one
+    model.note = "a string"
+    assert model.__dict__["note"] == "a string"
+    model.extra = torch.nn.Linear(2, 2)
+    model.weight = torch.nn.Parameter(torch.zeros(2))
+    model.register_buffer("count", torch.zeros(()))
+    assert "extra" in model._modules and "weight" in model._parameters and "count" in model._buffers
+    model.weight = None  # None on a parameter's name empties the parameter, as nn.Module does
+    assert model._parameters["weight"] is None and "weight" not in model.__dict__
+    with pytest.raises(TypeError, match="as child module"):
+        model.extra = "not a module"  # nn.Module's own checks still run for names that are not plain attributes
+
+
+def test_a_steady_state_training_step_sets_no_attribute_through_nn_modules_setattr(make_config, monkeypatch):
+    """Lightning sets the running hook's name on the module ~44 times a step: each takes the classifier's direct path."""
+    import lightning as L
+
+    from mnist_precision.build import build_run
+    from mnist_precision.classifier import MNISTClassifier
+
+    counting = {"module": False}
+    sets = {"classifier": 0, "nn.Module": 0}
+
+    def counted(cls, key):
+        original = cls.__setattr__
+
+        def setattr_(self, name, value):
+            if counting["module"] and isinstance(self, MNISTClassifier):
+                sets[key] += 1
+            original(self, name, value)
+
+        return setattr_
+
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", counted(torch.nn.Module, "nn.Module"))
+    monkeypatch.setattr(MNISTClassifier, "__setattr__", counted(MNISTClassifier, "classifier"))
+
+    class Count(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            counting["module"] = batch_idx >= 2
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            counting["module"] = False
+
+    run = build_run(make_config("trainer.max_epochs=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"))
+    run.trainer.callbacks.insert(0, Count())
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert sets["classifier"] >= 6 * 10  # batches 2-7, each many hook names
+    assert sets["nn.Module"] == 0
