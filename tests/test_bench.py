@@ -19,6 +19,7 @@ from mnist_precision import bench as bench_cli
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
+@pytest.mark.slow  # about 25 s: 5 worker processes
 def test_mnist_bench_writes_json_markdown_chart_and_tensorboard(run_main, tmp_path):
     result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32,16-master]", "bench.warmup_epochs=1",
                       "bench.epochs=1", "bench.rounds=1", "data.batch_size=128")
@@ -48,6 +49,7 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # about 12 s: torch's Timer runs each dtype for 0.5 s, in a process of its own
 def test_matmul_benchmark_prints_a_table_for_each_dtype():
     done = run_script("bench_matmul.py", "--sizes", "64")
     assert done.returncode == 0, done.stderr
@@ -64,6 +66,7 @@ def test_gpu_benchmarks_say_they_need_a_gpu_on_cpu(script):
     assert done.returncode == 0 and "needs a CUDA GPU" in done.stdout
 
 
+@pytest.mark.slow  # about 35 s: 8 worker processes (4 configurations, 2 rounds)
 def test_limit_train_batches_limits_the_baselines_too_and_they_take_turns_epoch_by_epoch(run_main, tmp_path):
     """Every row trains on the same number of batches, so the ratios compare equal work; and the configurations run
     one epoch each in turn, never two at once, so a ratio pairs epochs run one right after the other (issue 8)."""

@@ -68,6 +68,7 @@ def test_train_writes_a_run_dir_then_eval_tests_it_with_the_run_config(run_main,
     assert "model=cnn" in eval_overrides and "precision=bf16-mixed" in eval_overrides
 
 
+@pytest.mark.slow  # about 18 s: three mnist-train processes
 def test_resume_latest_continues_the_same_run_dir_and_event_stream(run_cli, tmp_path):
     first = run_cli("train", "trainer.max_epochs=2")
     assert first.code == 0, first.stderr
@@ -107,6 +108,7 @@ def test_multirun_sweeps_precision_and_model(run_main, tmp_path):
     assert all((job / "tensorboard").is_dir() for job in jobs)
 
 
+@pytest.mark.slow  # about 16 s: two DDP processes
 def test_ddp_on_cpu_with_two_processes(run_cli, tmp_path):
     result = run_cli("train", "trainer=ddp_cpu", "trainer.max_epochs=1", timeout=400)
     assert result.code == 0, result.stderr[-3000:]

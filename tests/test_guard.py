@@ -66,6 +66,7 @@ def test_the_guard_judges_the_models_loss_not_the_scaled_one(make_config):
     assert run.trainer.global_step == 16 and run.trainer.precision_plugin.skipped_steps == 0
 
 
+@pytest.mark.slow  # about 14 s: two DDP processes
 def test_under_ddp_a_divergence_on_one_rank_stops_every_rank(tmp_path, mnist_root):
     """Rank 0 alone sees a non-finite loss; rank 1 must stop too, not wait forever in the next all-reduce."""
     env = {**os.environ, "MNIST_ROOT": str(mnist_root), "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}

@@ -162,6 +162,7 @@ def test_unsupported_combinations_are_refused_before_training(make_config, overr
         build_run(make_config("precision=16-master", *overrides))
 
 
+@pytest.mark.slow  # about 15 s: two DDP processes
 def test_ddp_on_cpu_keeps_masters_identical_on_both_ranks(tmp_path, mnist_root):
     (tmp_path / "dump_masters.py").write_text(textwrap.dedent('''
         import lightning as L, torch

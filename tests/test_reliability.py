@@ -66,6 +66,7 @@ def test_sigterm_from_the_command_line_exits_143_with_the_resume_command(run_mai
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # about 15 s: a run killed mid-epoch, then its resume, each a process
 def test_after_sigkill_resume_continues_from_the_last_periodic_checkpoint(make_config, tmp_path, mnist_root):
     train(make_config("trainer.max_epochs=2", output_dir=tmp_path / "straight"))
     env = {**os.environ, "MNIST_ROOT": str(mnist_root), "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
