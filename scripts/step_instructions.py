@@ -1,4 +1,5 @@
-"""Instructions per training step, counted by valgrind's callgrind: the plain loop, bare Lightning and mnist-train.
+"""Instructions per training step and per epoch boundary, counted by valgrind's callgrind: the plain loop, bare
+Lightning and mnist-train.
 
 Wall-clock ratios on a shared 2-core machine move by up to 2x between rounds of one run; an instruction count
 does not move (the same code, inputs and seed give the same count, whatever else the machine runs). It does
@@ -7,9 +8,12 @@ timed ratios of `mnist-bench` rather than replacing them.
 
 Each of the three runs takes the same model, optimizer, batches (resident tensors, batch 128) and one thread,
 and counts steps FIRST..FIRST+STEPS-1 of the first epoch: STEPS=50 holds one of mnist-train's logging steps
-(`trainer.log_every_n_steps=50`), so the figure is the average a user's epoch pays.
+(`trainer.log_every_n_steps=50`), so the figure is the average a user's epoch pays. It then counts the epoch
+boundary, from the end of the first epoch's last training step to the start of the second epoch's first: the
+whole validation pass for all three, and what else each does there (mnist-train: its checkpoints, epoch-end
+metrics, TensorBoard, the epoch line).
 
-    python scripts/step_instructions.py [mnist-train overrides ...]    # needs valgrind; 5-10 minutes on 2 cores
+    python scripts/step_instructions.py [mnist-train overrides ...]    # needs valgrind; about 10 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from itertools import islice
 from pathlib import Path
 
 FIRST, STEPS = 10, 50
@@ -39,20 +44,25 @@ def main() -> None:
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for i, run in enumerate(RUNS)
         }
-        per_step = {}
+        per_step, boundary = {}, {}
         for i, (run, worker) in enumerate(workers.items()):
             _, stderr = worker.communicate()
-            dumps = list(Path(tmp).glob(f"{i}.*.1"))  # callgrind_control --dump's file
-            if worker.returncode != 0 or len(dumps) != 1:
+            dumps = [list(Path(tmp).glob(f"{i}.*.{n}")) for n in (1, 2)]  # callgrind_control --dump's files, in order
+            if worker.returncode != 0 or [len(found) for found in dumps] != [1, 1]:
                 sys.exit(f"{run}: the counted run failed:\n{stderr[-3000:]}")
-            totals = next(line for line in dumps[0].read_text().splitlines() if line.startswith("totals:"))
-            per_step[run] = int(totals.split()[1]) / STEPS
+            steps, epoch_end = (total_instructions(found[0]) for found in dumps)
+            per_step[run], boundary[run] = steps / STEPS, epoch_end
     plain = per_step["plain loop"]
-    print(f"Instructions per training step (callgrind, steps {FIRST}-{FIRST + STEPS - 1}, one thread), overrides: {overrides or 'none'}")
-    print("| run | instructions per step | / plain loop | more than the plain loop |")
-    print("|---|---|---|---|")
+    print(f"Instructions per training step (callgrind, steps {FIRST}-{FIRST + STEPS - 1}, one thread) and per epoch boundary, "
+          f"overrides: {overrides or 'none'}")
+    print("| run | instructions per step | / plain loop | more than the plain loop | epoch boundary |")
+    print("|---|---|---|---|---|")
     for run, count in per_step.items():
-        print(f"| {run} | {count / 1e6:.2f} M | {count / plain:.3f} | {(count - plain) / 1e6:.2f} M |")
+        print(f"| {run} | {count / 1e6:.2f} M | {count / plain:.3f} | {(count - plain) / 1e6:.2f} M | {boundary[run] / 1e6:.0f} M |")
+
+
+def total_instructions(dump: Path) -> int:
+    return int(next(line for line in dump.read_text().splitlines() if line.startswith("totals:")).split()[1])
 
 
 def worker(run: str, tmp: str, overrides: list[str]) -> None:
@@ -67,19 +77,29 @@ def worker(run: str, tmp: str, overrides: list[str]) -> None:
         subprocess.run(["callgrind_control", *args, str(os.getpid())], check=True, capture_output=True)
 
     class Count(L.Callback):
+        """Counts steps FIRST..FIRST+STEPS-1 of epoch 0 (dump 1), then from there to epoch 1's first step (dump 2)."""
+
+        def __init__(self) -> None:
+            self.epoch = 0
+
         def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int) -> None:
-            if batch_idx == FIRST:
+            if self.epoch == 0 and batch_idx == FIRST:
                 callgrind("--zero")
                 callgrind("--instr=on")
-
-        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int) -> None:
-            if batch_idx == FIRST + STEPS - 1:
+            elif self.epoch == 1 and batch_idx == 0:
                 callgrind("--instr=off")
                 callgrind("--dump")
 
-    few = [f"trainer.limit_train_batches={FIRST + STEPS}", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-           "trainer.max_epochs=1"]
-    cfg = compose_training_config([*overrides, *few], Path(tmp) / run.replace(" ", "_"))
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int) -> None:
+            if self.epoch == 0 and batch_idx == FIRST + STEPS - 1:  # the epoch's last step
+                for switch in ("--instr=off", "--dump", "--zero", "--instr=on"):
+                    callgrind(switch)
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.epoch += 1
+
+    epochs = [f"trainer.limit_train_batches={FIRST + STEPS}", "trainer.limit_test_batches=1", "trainer.max_epochs=2"]
+    cfg = compose_training_config([*overrides, *epochs], Path(tmp) / run.replace(" ", "_"))
     built = build_run(cfg)
     count = Count()
     if run == "mnist-train":
@@ -90,16 +110,25 @@ def worker(run: str, tmp: str, overrides: list[str]) -> None:
     net = built.model.net
     optimizer = built.model.optimizer_factory(params=net.parameters())
     batches, _ = loader(cfg, *built.datamodule.splits["train"], shuffle=True, train=True)
-    if run == "plain loop":
-        for batch_idx, (images, targets) in enumerate(batches):
-            count.on_train_batch_start(None, None, None, batch_idx)
-            loss = F.cross_entropy(net(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            count.on_train_batch_end(None, None, None, None, batch_idx)
-            if batch_idx == FIRST + STEPS - 1:
-                return
+    validation, _ = loader(cfg, *built.datamodule.splits["val"], shuffle=False, train=False)
+    if run == "plain loop":  # as mnist-bench's: train, then the same validation pass
+        for epoch in range(2):
+            batches.sampler.set_epoch(epoch)
+            net.train()
+            for batch_idx, (images, targets) in enumerate(islice(batches, FIRST + STEPS)):
+                count.on_train_batch_start(None, None, None, batch_idx)
+                if epoch == 1:
+                    return
+                loss = F.cross_entropy(net(images), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                count.on_train_batch_end(None, None, None, None, batch_idx)
+            count.on_train_epoch_end(None, None)
+            net.eval()
+            with torch.no_grad():
+                correct = sum((net(images).argmax(1) == targets.argmax(1)).sum() for images, targets in validation)
+            float(correct)
 
     class Bare(L.LightningModule):
         def __init__(self) -> None:
@@ -115,9 +144,8 @@ def worker(run: str, tmp: str, overrides: list[str]) -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return optimizer
 
-    validation, _ = loader(cfg, *built.datamodule.splits["val"], shuffle=False, train=False)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, barebones=True, limit_train_batches=FIRST + STEPS,
-                        limit_val_batches=1, use_distributed_sampler=False, callbacks=[count])
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, barebones=True, limit_train_batches=FIRST + STEPS,
+                        use_distributed_sampler=False, callbacks=[count])
     trainer.fit(Bare(), train_dataloaders=batches, val_dataloaders=validation)  # validates, as the bench's bare run does
 
 

@@ -34,6 +34,7 @@ def test_mnist_bench_writes_json_markdown_chart_and_tensorboard(run_main, tmp_pa
         assert r["samples_per_sec"] > 0 and r["epoch_seconds"] > 0 and r["peak_memory_mb"] > 0
     assert report["results"][1]["skipped_steps"] == 0 and 0 <= report["results"][0]["test_acc"] <= 1
     assert report["ratios"][0]["template / plain loop (epoch time)"] > 0 and report["ratios"][0]["bare lightning / plain loop"] > 0
+    assert report["ratios"][0]["template / bare lightning"] > 0
     assert "| mlp | 16-master | template |" in (run_dir / "bench.md").read_text()
     assert (run_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -108,6 +109,7 @@ def test_the_template_waits_for_its_turn_outside_its_clocks(mnist_root, tmp_path
     assert [what for what, _ in parent.sent] == ["ready", "epoch", "epoch"]
     assert all(end - start < SlowParent.WAIT for start, end in result["epoch_spans"])
     assert result["samples_per_sec"] > 2 * 64 / SlowParent.WAIT  # 2 batches of 64 trained in less than one wait
+
 
 def test_a_ratio_is_the_median_of_epochs_paired_in_time():
     run = {"timed_epoch_seconds_by_round": [[2.0, 9.0], [3.0]]}  # the machine was slow for the second epoch of round 1

@@ -390,6 +390,7 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if "bare lightning" in by_kind:
                 row["bare lightning / plain loop"] = paired(by_kind["bare lightning"], plain, operator.truediv)
                 row["bare lightning overhead (us/step)"] = overhead_us_per_step(by_kind["bare lightning"], plain)
+                row["template / bare lightning"] = paired(template, by_kind["bare lightning"], operator.truediv)  # what the template adds to Lightning
             if "per-sample pipeline" in by_kind:
                 row["per-sample pipeline / template"] = paired(by_kind["per-sample pipeline"], template, operator.truediv)
             rows.append(row)
