@@ -205,6 +205,8 @@ BAD_TRAIN_INPUTS = {
     "zero gradient accumulation": (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be >= 1, got 0"),
     "a negative logging interval": (["trainer.log_every_n_steps=-3"], "trainer.log_every_n_steps must be >= 0, got -3"),
     "a choice the schema does not offer": (["scheduler.interval=daily"], "scheduler.interval must be one of epoch, step, got 'daily'"),
+    "checkpointing off beside the checkpoint callbacks": (["trainer.enable_checkpointing=false"],
+                                                          "trainer: Trainer was configured with `enable_checkpointing=False` but found `ModelCheckpoint`"),
 }
 
 
@@ -229,6 +231,19 @@ def test_callbacks_and_loggers_can_be_switched_off(run_main, tmp_path, option):
     assert (run_dir / "tensorboard").exists() == (option != "logger=none")
     assert ("epoch 1/1" in result.stdout) == (option == "logger=none")  # the progress lines are a callback too
 
+
+
+def test_without_our_callbacks_and_logger_lightnings_own_checkpoint_stays_in_the_run_dir(run_main, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # Lightning's default root is the working directory
+    result = run_main(train_cli.main, "callbacks=none", "logger=none", "trainer.max_epochs=1")
+    assert result.code == 0, result.stderr
+    assert list((only_run_dir(tmp_path / "logs") / "checkpoints").glob("epoch=0-step=*.ckpt"))  # Lightning's ModelCheckpoint
+    assert not list(elsewhere.iterdir())
+    result = run_main(train_cli.main, "callbacks=none", "logger=none", "trainer.max_epochs=1", "trainer.enable_checkpointing=false")
+    assert result.code == 0, result.stderr
+    assert not list(elsewhere.iterdir())
 
 def test_a_run_in_use_by_another_process_is_refused_until_that_process_ends(run_main, tmp_path):
     assert run_main(train_cli.main, "trainer.max_epochs=1").code == 0
