@@ -68,7 +68,7 @@ def test_train_writes_a_run_dir_then_eval_tests_it_with_the_run_config(run_main,
     assert "model=cnn" in eval_overrides and "precision=bf16-mixed" in eval_overrides
 
 
-@pytest.mark.slow  # about 18 s: three mnist-train processes
+@pytest.mark.slow  # about 18 s: two mnist-train processes
 def test_resume_latest_continues_the_same_run_dir_and_event_stream(run_cli, tmp_path):
     first = run_cli("train", "trainer.max_epochs=2")
     assert first.code == 0, first.stderr

@@ -18,7 +18,7 @@ TESTS = str(Path(__file__).parent)
 EPOCH_LINE = r"epoch {n}/{of}  train/loss_epoch \d\.\d{{4}}  train/acc \d\.\d{{4}}  val/loss \d\.\d{{4}}  val/acc \d\.\d{{4}}  \d+\.\d s"
 
 
-@pytest.mark.slow  # about 14 s: mnist-train in a process of its own, as a user runs it
+@pytest.mark.slow  # about 14 s: mnist-train, then its resume, each in a process of its own as a user runs them
 def test_off_a_terminal_a_run_prints_one_line_per_epoch_then_a_summary_block_and_nothing_on_stderr(run_cli, tmp_path):
     # Warnings on, as a user has them (run_cli otherwise sets PYTHONWARNINGS=ignore); the bar on, stdout a pipe.
     shown = {"PYTHONWARNINGS": ""}
