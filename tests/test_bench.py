@@ -15,6 +15,7 @@ import torch
 from conftest import FAST
 
 from mnist_precision import bench as bench_cli
+from mnist_precision.errors import UserError
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
@@ -110,6 +111,12 @@ def test_the_template_waits_for_its_turn_outside_its_clocks(mnist_root, tmp_path
     assert all(end - start < SlowParent.WAIT for start, end in result["epoch_spans"])
     assert result["samples_per_sec"] > 2 * 64 / SlowParent.WAIT  # 2 batches of 64 trained in less than one wait
 
+
+
+def test_without_the_training_monitor_the_bench_says_what_it_times_with(mnist_root, tmp_path):
+    overrides = [f"data.data_dir={mnist_root}", *FAST, "callbacks=none"]
+    with pytest.raises(UserError, match="keep callbacks.training_monitor"):
+        bench_cli.measure_template(overrides, str(tmp_path / "run"), 0, bench_cli.Turns(SlowParent()))
 
 def test_a_ratio_is_the_median_of_epochs_paired_in_time():
     run = {"timed_epoch_seconds_by_round": [[2.0, 9.0], [3.0]]}  # the machine was slow for the second epoch of round 1

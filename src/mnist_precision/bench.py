@@ -115,7 +115,10 @@ def measure_template(overrides: list[str], output_dir: str, warmup: int, turns: 
     """`mnist-train` as users run it: fit (whole epochs timed), then test for the accuracy."""
     cfg = compose_training_config(overrides, Path(output_dir))
     run = build_run(cfg)
-    monitor = next(cb for cb in run.trainer.callbacks if isinstance(cb, TrainingMonitor))
+    monitor = next((cb for cb in run.trainer.callbacks if isinstance(cb, TrainingMonitor)), None)
+    if monitor is None:
+        raise UserError("mnist-bench times the template's epochs with its training monitor: keep callbacks.training_monitor "
+                        "(callbacks=none and ~callbacks.training_monitor drop it)")
     run.trainer.callbacks.insert(0, TakeTurns(turns))
     run.fit()
     fit_metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
