@@ -232,7 +232,6 @@ def test_callbacks_and_loggers_can_be_switched_off(run_main, tmp_path, option):
     assert ("epoch 1/1" in result.stdout) == (option == "logger=none")  # the progress lines are a callback too
 
 
-
 def test_without_our_callbacks_and_logger_lightnings_own_checkpoint_stays_in_the_run_dir(run_main, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -244,6 +243,7 @@ def test_without_our_callbacks_and_logger_lightnings_own_checkpoint_stays_in_the
     result = run_main(train_cli.main, "callbacks=none", "logger=none", "trainer.max_epochs=1", "trainer.enable_checkpointing=false")
     assert result.code == 0, result.stderr
     assert not list(elsewhere.iterdir())
+
 
 def test_a_run_in_use_by_another_process_is_refused_until_that_process_ends(run_main, tmp_path):
     assert run_main(train_cli.main, "trainer.max_epochs=1").code == 0

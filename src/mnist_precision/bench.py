@@ -334,7 +334,7 @@ def take_turns(jobs: list[tuple[str, str, str, list[str]]], run_dir: Path, round
         workers.append((process, here))
     results: list[dict[str, Any] | None] = [None] * len(jobs)
 
-    def reply(number: int) -> Any:
+    def reply(number: int) -> None:
         try:
             what, value = workers[number][1].recv()
         except EOFError:
