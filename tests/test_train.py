@@ -95,6 +95,34 @@ def test_optimizer_and_scheduler_groups_build_and_step(make_config, optimizer, s
     assert metrics["lr"] > 0
 
 
+def logged_learning_rates(run_dir: Path) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars("lr")]
+
+
+def test_a_learning_rate_constant_through_the_epoch_is_logged_once_an_epoch(make_config, tmp_path):
+    """No scheduler, or one that steps per epoch: one `lr` point per epoch (the rate that epoch trained with), not one per
+    logging step (a self.log call each, ~0.3 ms)."""
+    cfg = make_config("scheduler=step", "scheduler.lr_scheduler.step_size=1", "trainer.max_epochs=3", "trainer.limit_train_batches=4",
+                      "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")  # logging every step (FAST)
+    train(cfg)
+    logged = logged_learning_rates(tmp_path / "run")
+    assert [value for _, value in logged] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    assert [step for step, _ in logged] == [3, 7, 11]  # each epoch's last step, as Lightning logs epoch values
+
+
+def test_a_learning_rate_that_changes_every_step_is_logged_on_logging_steps(make_config, tmp_path):
+    cfg = make_config("scheduler=onecycle", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
+                      "trainer.limit_test_batches=1", "trainer.log_every_n_steps=2")
+    train(cfg)
+    logged = logged_learning_rates(tmp_path / "run")
+    assert [step for step, _ in logged] == [1, 3, 5, 7]
+    assert len({value for _, value in logged}) == 4  # one-cycle: a new rate every step
+
+
 def test_prediction_grid_frames_wrong_predictions_in_red():
     from mnist_precision.callbacks import prediction_grid, prediction_table
 
