@@ -86,6 +86,39 @@ def test_limit_train_batches_limits_the_baselines_too_and_they_take_turns_epoch_
         assert [kind for *_, kind in epochs] == in_turn * 2 + in_turn[:3]
 
 
+def test_a_variant_runs_the_template_with_its_overrides_in_turn_and_is_compared_with_it(run_main, tmp_path):
+    result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32]", "bench.baselines=false", "bench.rounds=1",
+                      "bench.warmup_epochs=1", "bench.epochs=1", "bench.limit_train_batches=3", "bench.variants={no_tensorboard:['logger=none']}")
+    assert result.code == 0, result.stderr[-3000:]
+    run_dir = next((tmp_path / "logs/bench").iterdir())
+    report = json.loads((run_dir / "bench.json").read_text())
+    assert [(r["kind"], r["precision"]) for r in report["results"]] == [("template", "32"), ("template: no_tensorboard", "32")]
+    assert report["ratios"][0]["no_tensorboard / template"] > 0
+    runs = run_dir / "runs"
+    assert (runs / "mlp_32_template_round1/tensorboard").is_dir()
+    assert not (runs / "mlp_32_template_no_tensorboard_round1/tensorboard").exists()  # its overrides applied
+    assert "| mlp | 32 | template: no_tensorboard |" in (run_dir / "bench.md").read_text()
+
+
+@pytest.mark.parametrize(("variants", "message"), [
+    ({"quiet": "logger=none"}, "must map names to lists of training overrides"),
+    ({"quiet": [1]}, "must map names to lists of training overrides"),
+    (["logger=none"], "must map names to lists of training overrides"),
+])
+def test_bench_variants_that_are_not_lists_of_overrides_are_one_message(variants, message):
+    from omegaconf import OmegaConf
+
+    with pytest.raises(UserError, match=message):
+        bench_cli.checked_variants(OmegaConf.create({"precisions": ["32"], "variants": variants}))
+
+
+def test_bench_variants_need_the_template_at_precision_32_to_compare_with():
+    from omegaconf import OmegaConf
+
+    with pytest.raises(UserError, match="keep 32 in bench.precisions"):
+        bench_cli.checked_variants(OmegaConf.create({"precisions": ["bf16-mixed"], "variants": {"quiet": ["logger=none"]}}))
+
+
 class SlowParent:
     """The parent's end of a worker's connection, as seen by the worker: every "go" comes WAIT seconds later."""
 
@@ -112,11 +145,11 @@ def test_the_template_waits_for_its_turn_outside_its_clocks(mnist_root, tmp_path
     assert result["samples_per_sec"] > 2 * 64 / SlowParent.WAIT  # 2 batches of 64 trained in less than one wait
 
 
-
 def test_without_the_training_monitor_the_bench_says_what_it_times_with(mnist_root, tmp_path):
     overrides = [f"data.data_dir={mnist_root}", *FAST, "callbacks=none"]
     with pytest.raises(UserError, match="keep callbacks.training_monitor"):
         bench_cli.measure_template(overrides, str(tmp_path / "run"), 0, bench_cli.Turns(SlowParent()))
+
 
 def test_a_ratio_is_the_median_of_epochs_paired_in_time():
     run = {"timed_epoch_seconds_by_round": [[2.0, 9.0], [3.0]]}  # the machine was slow for the second epoch of round 1

@@ -31,7 +31,7 @@ import time
 from itertools import islice
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import hydra
 import lightning as L
@@ -288,7 +288,8 @@ def _worker(kind: str, overrides: list[str], output_dir: str, warmup: int, conne
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- the worker's own, for its lifetime (the bar still draws)
     skip_nvml_probe_without_gpu()
     try:
-        connection.send(("result", MEASURE[kind](overrides, output_dir, warmup, Turns(connection))))
+        measure = MEASURE[kind.partition(":")[0]]  # a variant's kind is "template: <name>"
+        connection.send(("result", measure(overrides, output_dir, warmup, Turns(connection))))
     except Exception as error:  # the parent raises it (a UserError is reported as such)
         connection.send(("error", error if isinstance(error, UserError) else RuntimeError(f"{kind}: {type(error).__name__}: {error}")))
 
@@ -299,10 +300,12 @@ def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     base += [f"trainer.max_epochs={settings.warmup_epochs + settings.epochs}"]  # progress bar and all, as users run it
     if settings.limit_train_batches:
         base.append(f"trainer.limit_train_batches={settings.limit_train_batches}")
+    variants = checked_variants(settings)
     jobs = []
     for model in settings.models:
         model_overrides = [f"model={model}", *settings.model_overrides.get(model, [])]
         jobs += [("template", model, str(p), base + model_overrides + [f"precision={p}"]) for p in settings.precisions]
+        jobs += [(f"template: {name}", model, "32", base + model_overrides + ["precision=32", *overrides]) for name, overrides in variants.items()]
         if settings.baselines:
             jobs += [(kind, model, "32", base + model_overrides) for kind in BASELINES]
     rounds: list[list[dict[str, Any]]] = [[] for _ in jobs]
@@ -319,6 +322,20 @@ def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
             for (kind, model, precision, _), results in zip(jobs, rounds, strict=True)]
 
 
+def checked_variants(settings: DictConfig) -> dict[str, list[str]]:
+    """`bench.variants`: name -> training overrides, each run as one more template configuration at precision 32 and
+    compared with the template itself, epoch by epoch (what a callback, the logger or a setting costs)."""
+    variants = settings.get("variants") or {}
+    if not isinstance(variants, Mapping) or not all(
+            isinstance(overrides, Sequence) and not isinstance(overrides, str) and all(isinstance(o, str) for o in overrides)
+            for overrides in variants.values()):
+        raise UserError("bench.variants must map names to lists of training overrides, e.g. "
+                        "\"bench.variants={no_tensorboard:['logger=none']}\"")
+    if variants and "32" not in [str(p) for p in settings.precisions]:
+        raise UserError("bench.variants are compared with the template at precision 32: keep 32 in bench.precisions")
+    return {str(name): list(overrides) for name, overrides in variants.items()}
+
+
 def take_turns(jobs: list[tuple[str, str, str, list[str]]], run_dir: Path, round_number: int, warmup: int) -> list[dict[str, Any]]:
     """Starts one worker process per configuration; then, over and over, lets each run one epoch in turn (the others
     wait), until each has sent its result. Nothing runs beside an epoch: every worker's setup and sanity check are done
@@ -327,7 +344,7 @@ def take_turns(jobs: list[tuple[str, str, str, list[str]]], run_dir: Path, round
     workers = []
     for kind, model, precision, overrides in jobs:
         here, there = context.Pipe()
-        output_dir = run_dir / "runs" / f"{model}_{precision}_{kind.replace(' ', '_')}_round{round_number}"
+        output_dir = run_dir / "runs" / f"{model}_{precision}_{kind.replace(': ', '_').replace(' ', '_')}_round{round_number}"
         process = context.Process(target=_worker, args=(kind, overrides, str(output_dir), warmup, there), daemon=True)
         process.start()
         there.close()  # the worker's end is the worker's: a worker that dies is then an EOFError here, not a hang
@@ -381,21 +398,29 @@ def paired(run: dict[str, Any], reference: dict[str, Any], compare: Callable[[fl
 
 
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model, FP32, from epochs paired in time: the whole-epoch time against the plain loop, and the per-step
-    overhead that makes the difference."""
+    """Per model, FP32, from epochs paired in time: the whole-epoch time against the plain loop, the per-step overhead
+    that makes the difference, and each `bench.variants` configuration against the template."""
     rows = []
     for model in dict.fromkeys(r["model"] for r in results):
         by_kind = {r["kind"]: r for r in results if r["model"] == model and r["precision"] == "32"}
-        if {"template", "plain loop"} <= by_kind.keys():
-            plain, template = by_kind["plain loop"], by_kind["template"]
-            row = {"model": model, "template / plain loop (epoch time)": paired(template, plain, operator.truediv),
-                   "template overhead (us/step)": overhead_us_per_step(template, plain)}
+        if "template" not in by_kind:
+            continue
+        template, row = by_kind["template"], {"model": model}
+        if "plain loop" in by_kind:
+            plain = by_kind["plain loop"]
+            row["template / plain loop (epoch time)"] = paired(template, plain, operator.truediv)
+            row["template overhead (us/step)"] = overhead_us_per_step(template, plain)
             if "bare lightning" in by_kind:
                 row["bare lightning / plain loop"] = paired(by_kind["bare lightning"], plain, operator.truediv)
                 row["bare lightning overhead (us/step)"] = overhead_us_per_step(by_kind["bare lightning"], plain)
-                row["template / bare lightning"] = paired(template, by_kind["bare lightning"], operator.truediv)  # what the template adds to Lightning
-            if "per-sample pipeline" in by_kind:
-                row["per-sample pipeline / template"] = paired(by_kind["per-sample pipeline"], template, operator.truediv)
+        if "bare lightning" in by_kind:
+            row["template / bare lightning"] = paired(template, by_kind["bare lightning"], operator.truediv)  # what the template adds to Lightning
+        if "per-sample pipeline" in by_kind:
+            row["per-sample pipeline / template"] = paired(by_kind["per-sample pipeline"], template, operator.truediv)
+        for kind, variant in by_kind.items():
+            if kind.startswith("template: "):
+                row[f"{kind.removeprefix('template: ')} / template"] = paired(variant, template, operator.truediv)
+        if len(row) > 1:
             rows.append(row)
     return rows
 
