@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import operator
+import re
 import subprocess
 import sys
 import time
@@ -98,6 +99,18 @@ def test_a_variant_runs_the_template_with_its_overrides_in_turn_and_is_compared_
     assert (runs / "mlp_32_template_round1/tensorboard").is_dir()
     assert not (runs / "mlp_32_template_no_tensorboard_round1/tensorboard").exists()  # its overrides applied
     assert "| mlp | 32 | template: no_tensorboard |" in (run_dir / "bench.md").read_text()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("bench.variants={quiet:['logger=nope']}", r"the template: quiet configuration \(mlp, precision 32\): In 'train': Could not find 'logger/nope'"),
+    ("bench.models=[nope]", r"the template configuration \(nope, precision 32\): In 'train': Could not find 'model/nope'"),
+    ("bench.variants={quiet:['trainer.nope=1']}", r"the template: quiet configuration \(mlp, precision 32\): Could not override 'trainer.nope'"),
+])
+def test_a_configuration_that_does_not_compose_is_one_message_before_any_worker_starts(run_main, tmp_path, override, message):
+    result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32]", "bench.baselines=false", override)
+    assert result.code == 1 and "Traceback" not in result.stderr
+    assert re.search("error: " + message, result.stderr), result.stderr[-2000:]
+    assert not (tmp_path / "logs/bench").exists() or not any((tmp_path / "logs/bench").iterdir())  # no run dir left
 
 
 @pytest.mark.parametrize(("variants", "message"), [

@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import operator
 import resource
+import shutil
 import statistics
 import time
 from itertools import islice
@@ -46,6 +47,7 @@ from mnist_precision.callbacks import TrainingMonitor, synchronize
 from mnist_precision.config import CONF_DIR
 from mnist_precision.data import MNIST_MEAN, MNIST_STD, EpochPermutation, MNISTDataModule, TensorBatchLoader
 from mnist_precision.errors import UserError, report_user_errors
+from mnist_precision.runs import quote_values
 
 BASELINES = ("bare lightning", "plain loop", "per-sample pipeline")
 
@@ -308,6 +310,7 @@ def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
         jobs += [(f"template: {name}", model, "32", base + model_overrides + ["precision=32", *overrides]) for name, overrides in variants.items()]
         if settings.baselines:
             jobs += [(kind, model, "32", base + model_overrides) for kind in BASELINES]
+    check_composes(jobs)
     rounds: list[list[dict[str, Any]]] = [[] for _ in jobs]
     for round_number in range(1, settings.rounds + 1):
         for model in settings.models:  # one model's workers at a time: each holds the data and a model
@@ -334,6 +337,22 @@ def checked_variants(settings: DictConfig) -> dict[str, list[str]]:
     if variants and "32" not in [str(p) for p in settings.precisions]:
         raise UserError("bench.variants are compared with the template at precision 32: keep 32 in bench.precisions")
     return {str(name): list(overrides) for name, overrides in variants.items()}
+
+
+def check_composes(jobs: list[tuple[str, str, str, list[str]]]) -> None:
+    """Every configuration's overrides compose (a model, a variant's logger=...), checked before any worker starts:
+    a bad one is one message here, not a worker's error and Hydra's traceback after the others have started.
+    (Composed with the running mnist-bench app's Hydra, whose config directory is the training config's too.)"""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    for overrides, (kind, model, precision, _) in {tuple(job[3]): job for job in jobs}.items():
+        try:
+            compose("train", overrides=quote_values(list(overrides)))
+        except (HydraException, OmegaConfBaseException) as error:
+            message = str(error).split("\nConfig search path")[0].strip()
+            raise UserError(f"the {kind} configuration ({model}, precision {precision}): {message}") from None
 
 
 def take_turns(jobs: list[tuple[str, str, str, list[str]]], run_dir: Path, round_number: int, warmup: int) -> list[dict[str, Any]]:
@@ -505,7 +524,12 @@ def write_report(results: list[dict[str, Any]], run_dir: Path) -> str:
 def _hydra_main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with report_user_errors():
-        results = bench(cfg, run_dir)
+        try:
+            results = bench(cfg, run_dir)
+        except UserError:
+            if not (run_dir / "runs").exists():  # refused before any configuration ran: no run dir holding only a log
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     print(write_report(results, run_dir))
     print(f"bench.json, bench.md, bench.png and tensorboard/ in {run_dir}")
 
