@@ -70,7 +70,7 @@ def worker(run: str, tmp: str, overrides: list[str]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from mnist_precision.bench import loader
+    from mnist_precision.bench import Bare, correct_predictions, loader
     from mnist_precision.build import build_run, compose_training_config
 
     def callgrind(*args: str) -> None:  # the running callgrind's own switch, by process id
@@ -108,10 +108,10 @@ def worker(run: str, tmp: str, overrides: list[str]) -> None:
         return
     built.datamodule.setup()
     net = built.model.net
-    optimizer = built.model.optimizer_factory(params=net.parameters())
     batches, _ = loader(cfg, *built.datamodule.splits["train"], shuffle=True, train=True)
     validation, _ = loader(cfg, *built.datamodule.splits["val"], shuffle=False, train=False)
     if run == "plain loop":  # as mnist-bench's: train, then the same validation pass
+        optimizer = built.model.optimizer_factory(params=net.parameters())
         for epoch in range(2):
             batches.sampler.set_epoch(epoch)
             net.train()
@@ -127,26 +127,13 @@ def worker(run: str, tmp: str, overrides: list[str]) -> None:
             count.on_train_epoch_end(None, None)
             net.eval()
             with torch.no_grad():
-                correct = sum((net(images).argmax(1) == targets.argmax(1)).sum() for images, targets in validation)
+                correct = sum(correct_predictions(net, batch) for batch in validation)
             float(correct)
-
-    class Bare(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            return F.cross_entropy(self.net(batch[0]), batch[1])
-
-        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            return (self.net(batch[0]).argmax(1) == batch[1].argmax(1)).sum()
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return optimizer
 
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, barebones=True, limit_train_batches=FIRST + STEPS,
                         use_distributed_sampler=False, callbacks=[count])
-    trainer.fit(Bare(), train_dataloaders=batches, val_dataloaders=validation)  # validates, as the bench's bare run does
+    bare = Bare(net, built.model.optimizer_factory)  # mnist-bench's floor, validating as it does
+    trainer.fit(bare, train_dataloaders=batches, val_dataloaders=validation)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ timed epochs of `bench.rounds` runs, of the ratio of two epochs run one right af
 machine whose speed drifts by 2x over seconds, that pairing is what makes one run's ratio mean something.
 The other figures are the median over the rounds of the median over the timed epochs of a round.
 
+`bench.variants` adds the template again with other overrides (no checkpoints, no logger, ...), taking turns with
+the rest: what each of its jobs costs, as a paired ratio to the template.
+
 Writes bench.json, bench.md, bench.png and TensorBoard scalars into the run directory.
 """
 
@@ -113,6 +116,32 @@ def batches(n_batches: int, limit: int | float | None) -> int:
     return min(int(limit), n_batches) if isinstance(limit, int) else int(n_batches * limit)
 
 
+def correct_predictions(net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """How many of a batch's images the network classifies right (one-hot targets), on the device: the baselines'
+    validation pass."""
+    images, one_hot = batch
+    return (net(images).argmax(1) == one_hot.argmax(1)).sum()
+
+
+class Bare(L.LightningModule):
+    """Lightning's own floor: the network in a bare LightningModule, the same training step, validation pass and optimizer
+    as the plain loop (run under `Trainer(barebones=True)` here and in scripts/step_instructions.py)."""
+
+    def __init__(self, net: torch.nn.Module, optimizer: Callable[..., torch.optim.Optimizer]) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return correct_predictions(self.net, batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(params=self.parameters())
+
+
 def measure_template(overrides: list[str], output_dir: str, warmup: int, turns: Turns) -> dict[str, Any]:
     """`mnist-train` as users run it: fit (whole epochs timed), then test for the accuracy."""
     cfg = compose_training_config(overrides, Path(output_dir))
@@ -181,7 +210,7 @@ def measure_plain_loop(overrides: list[str], output_dir: str, warmup: int, turns
         history.append((samples, time.perf_counter() - turns.started))
         net.eval()
         with torch.no_grad():
-            correct = sum((net(images).argmax(1) == targets.argmax(1)).sum() for images, targets in islice(val_loader, n_val))
+            correct = sum(correct_predictions(net, batch) for batch in islice(val_loader, n_val))
         float(correct)  # the validation accuracy, read as a template reads it
     turns.mark(device)
     return {**steady_state(history, turns, n_train, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
@@ -193,22 +222,10 @@ def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int, t
     torch.manual_seed(cfg.seed)
     splits, device = resident_splits(cfg)
 
-    class Bare(L.LightningModule):
+    history: list[tuple[int, float]] = []
+
+    class TimedBare(Bare):
         """Times itself in its own hooks (Lightning calls them anyway): no callback is added to the floor."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = instantiate(cfg.model)
-            self.history: list[tuple[int, float]] = []
-
-        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            return F.cross_entropy(self.net(batch[0]), batch[1])
-
-        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            return (self.net(batch[0]).argmax(1) == batch[1].argmax(1)).sum()
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return instantiate(cfg.optimizer)(params=self.parameters())
 
         def on_train_epoch_start(self) -> None:
             turns.mark(self.device)
@@ -216,7 +233,7 @@ def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int, t
         def on_validation_start(self) -> None:
             synchronize(self.device)
             samples = self.trainer.num_training_batches * cfg.data.batch_size  # (a partial last batch counts whole)
-            self.history.append((samples, time.perf_counter() - turns.started))
+            history.append((samples, time.perf_counter() - turns.started))
 
         def on_train_end(self) -> None:
             turns.mark(self.device)
@@ -226,10 +243,10 @@ def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int, t
     trainer = L.Trainer(accelerator=device.type, devices=1, max_epochs=cfg.trainer.max_epochs, barebones=True,
                         limit_train_batches=cfg.trainer.limit_train_batches, limit_val_batches=cfg.trainer.limit_val_batches,
                         use_distributed_sampler=False)
-    bare = Bare()
+    bare = TimedBare(instantiate(cfg.model), instantiate(cfg.optimizer))
     trainer.fit(bare, train_dataloaders=train_loader, val_dataloaders=val_loader)
     steps = trainer.num_training_batches
-    return {**steady_state(bare.history, turns, steps, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": None}
+    return {**steady_state(history, turns, steps, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": None}
 
 
 def measure_per_sample_pipeline(overrides: list[str], output_dir: str, warmup: int, turns: Turns) -> dict[str, Any]:
