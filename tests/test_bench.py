@@ -87,6 +87,7 @@ def test_limit_train_batches_limits_the_baselines_too_and_they_take_turns_epoch_
         assert [kind for *_, kind in epochs] == in_turn * 2 + in_turn[:3]
 
 
+@pytest.mark.slow  # 8-11 s: 2 worker processes, each importing torch and Lightning
 def test_a_variant_runs_the_template_with_its_overrides_in_turn_and_is_compared_with_it(run_main, tmp_path):
     result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32]", "bench.baselines=false", "bench.rounds=1",
                       "bench.warmup_epochs=1", "bench.epochs=1", "bench.limit_train_batches=3", "bench.variants={no_tensorboard:['logger=none']}")
