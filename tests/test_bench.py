@@ -114,6 +114,15 @@ def test_a_configuration_that_does_not_compose_is_one_message_before_any_worker_
     assert not (tmp_path / "logs/bench").exists() or not any((tmp_path / "logs/bench").iterdir())  # no run dir left
 
 
+def test_a_refused_bench_in_a_directory_of_the_users_keeps_the_users_files(run_main, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    result = run_main(bench_cli.main, f"hydra.run.dir={mine}", "bench.models=[nope]")
+    assert result.code == 1 and "Could not find 'model/nope'" in result.stderr
+    assert (mine / "keep.txt").read_text() == "precious"
+
+
 @pytest.mark.parametrize(("variants", "message"), [
     ({"quiet": "logger=none"}, "must map names to lists of training overrides"),
     ({"quiet": [1]}, "must map names to lists of training overrides"),

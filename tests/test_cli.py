@@ -222,6 +222,19 @@ def test_bad_training_input_gets_one_clear_message(run_main, tmp_path, case):
     assert not list((tmp_path / "logs").glob("train/*"))  # a refused run leaves no directory behind
 
 
+@pytest.mark.parametrize("refused", ["data.batch_size=0", "trainer.enable_checkpointing=false"])
+def test_a_refused_run_in_a_directory_of_the_users_removes_only_what_it_wrote(run_main, tmp_path, refused):
+    """hydra.run.dir may name an existing directory: a refused input took all of it away, the user's files too."""
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes/keep.txt").write_text("precious")
+    (mine / "data.csv").write_text("1,2")
+    result = run_main(train_cli.main, f"hydra.run.dir={mine}", refused)
+    assert result.code == 1 and "Traceback" not in result.stderr
+    assert (mine / "notes/keep.txt").read_text() == "precious" and (mine / "data.csv").read_text() == "1,2"
+    assert {entry.name for entry in mine.iterdir()} <= {"notes", "data.csv", ".hydra", "train.log"}  # Hydra's files stay
+
+
 @pytest.mark.parametrize("option", ["callbacks=none", "~callbacks", "~callbacks.progress_bar", "logger=none"])
 def test_callbacks_and_loggers_can_be_switched_off(run_main, tmp_path, option):
     result = run_main(train_cli.main, option, "trainer.max_epochs=1", "trainer.enable_progress_bar=true")

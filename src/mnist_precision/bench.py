@@ -29,7 +29,6 @@ import json
 import multiprocessing
 import operator
 import resource
-import shutil
 import statistics
 import time
 from itertools import islice
@@ -50,7 +49,7 @@ from mnist_precision.callbacks import TrainingMonitor, synchronize
 from mnist_precision.config import CONF_DIR
 from mnist_precision.data import MNIST_MEAN, MNIST_STD, EpochPermutation, MNISTDataModule, TensorBatchLoader
 from mnist_precision.errors import UserError, report_user_errors
-from mnist_precision.runs import quote_values
+from mnist_precision.runs import job_entries, quote_values, remove_refused_run
 
 BASELINES = ("bare lightning", "plain loop", "per-sample pipeline")
 
@@ -539,13 +538,15 @@ def write_report(results: list[dict[str, Any]], run_dir: Path) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def _hydra_main(cfg: DictConfig) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    at_start = job_entries(run_dir)
     with report_user_errors():
         try:
             results = bench(cfg, run_dir)
         except UserError:
             if not (run_dir / "runs").exists():  # refused before any configuration ran: no run dir holding only a log
-                shutil.rmtree(run_dir, ignore_errors=True)
+                remove_refused_run(run_dir, at_start, f"{hydra_cfg.job.name}.log")
             raise
     print(write_report(results, run_dir))
     print(f"bench.json, bench.md, bench.png and tensorboard/ in {run_dir}")

@@ -259,6 +259,27 @@ def check_training_left(trainer: Any, ckpt_path: str, how: str) -> None:
 RUN_LOCK = ".lock"
 
 
+def job_entries(run_dir: Path) -> set[str]:
+    """What a job's directory holds when the job starts: Hydra's `.hydra/` and the job's log, and anything that was
+    there before (`hydra.run.dir` may name an existing directory)."""
+    return {entry.name for entry in run_dir.iterdir()} if run_dir.is_dir() else set()
+
+
+def remove_refused_run(run_dir: Path, at_start: set[str], job_log: str) -> None:
+    """Undo what a refused command wrote in its run dir, and nothing else. If the directory held only Hydra's files for
+    this job when it started, it was made for it: all of it goes. Otherwise (a directory of the user's) only what the
+    job added since its start goes; the rest, and Hydra's files written over it, stay."""
+    made_for_this_job = at_start <= {".hydra", job_log}
+    for entry in list(run_dir.iterdir()) if run_dir.is_dir() else []:
+        if made_for_this_job or entry.name not in at_start:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    if made_for_this_job:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """One process at a time writes a run directory (two `resume=` of one run, or a resume of a run still training).

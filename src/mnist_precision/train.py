@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -39,9 +38,11 @@ from mnist_precision.runs import (
     LAST_CHECKPOINT,
     SLURM_JOB_FILE,
     check_training_left,
+    job_entries,
     launch_rank,
     log_dir_from,
     override_value,
+    remove_refused_run,
     requeue_slurm_job,
     requeued_run,
     resume_guard,
@@ -184,6 +185,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     setup_job_console()
     rank = launch_rank()
     new_run = rank == "0" and not cfg.resume  # (main() locked a resumed run before Hydra rewrote its .hydra/ files)
+    at_start = job_entries(run_dir)
     if rank != "0":  # another process of a DDP job (see ddp_rank_argv): its own log, in the job's directory
         use_job_log(run_dir / f"{hydra_cfg.job.name}_rank_{rank}.log")
         LOG.info(f"rank {rank} of the job {' '.join(hydra_cfg.overrides.task)}")
@@ -208,7 +210,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if sweep or not refused_input(error):
             write_metrics(run_dir, {"error": str(error)})
         elif not cfg.resume:  # nothing behind: TensorBoard and resume=latest would find an empty run
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_refused_run(run_dir, at_start, f"{hydra_cfg.job.name}.log")
         else:  # the run as it was: Hydra rewrote its .hydra/ files for this refused command
             for restore in RESTORE_RUN_FILES:
                 restore()
