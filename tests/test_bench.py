@@ -135,6 +135,38 @@ def test_bench_variants_that_are_not_lists_of_overrides_are_one_message(variants
         bench_cli.checked_variants(OmegaConf.create({"precisions": ["32"], "variants": variants}))
 
 
+@pytest.mark.parametrize(("variants", "message"), [
+    ({"no tb": ["logger=none"]}, "the name 'no tb' may hold only letters, digits, _ and -"),
+    ({"cnn": ["model=cnn"]}, r"bench.variants.cnn: model=cnn would change what it is compared on"),
+    ({"bf16": ["precision=bf16-mixed"]}, "bench.variants.bf16: precision=bf16-mixed would change"),
+    ({"short": ["trainer.max_epochs=1", "logger=none"]}, "bench.variants.short: trainer.max_epochs=1 would change"),
+    ({"few": ["+trainer.limit_train_batches=5"]}, r"bench.variants.few: \+trainer.limit_train_batches=5 would change"),
+])
+def test_a_variant_may_not_change_what_it_is_compared_on_nor_have_an_odd_name(variants, message):
+    from omegaconf import OmegaConf
+
+    with pytest.raises(UserError, match=message):
+        bench_cli.checked_variants(OmegaConf.create({"precisions": ["32"], "variants": variants}))
+
+
+def test_a_variant_without_the_training_monitor_is_refused_before_any_worker_starts(run_main, tmp_path):
+    result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32]", "bench.variants={bare:['callbacks=none']}")
+    assert result.code == 1 and "Traceback" not in result.stderr
+    assert "error: the template: bare configuration (mlp, precision 32): mnist-bench times the template's epochs" in result.stderr
+
+
+def test_a_variants_ratio_is_its_epochs_paired_with_the_templates_and_leaves_the_baselines_as_they_were():
+    def run(kind: str, precision: str, seconds: list[float]) -> dict:
+        return {"model": "mlp", "kind": kind, "precision": precision, "steps_per_epoch": 10, "timed_epoch_seconds_by_round": [seconds]}
+
+    results = [run("template", "32", [2.0, 4.0, 2.0]), run("template", "bf16-mixed", [9.0, 9.0, 9.0]),
+               run("template: quiet", "32", [1.0, 3.0, 1.5]), run("plain loop", "32", [1.0, 2.0, 1.0])]
+    (row,) = bench_cli.ratios(results)
+    assert list(row) == ["model", "template / plain loop (epoch time)", "template overhead (us/step)", "quiet / template"]
+    assert row["quiet / template"] == 0.75  # median of 0.5, 0.75, 0.75: against the template at 32, not at bf16-mixed
+    assert row["template / plain loop (epoch time)"] == 2.0
+
+
 def test_bench_variants_need_the_template_at_precision_32_to_compare_with():
     from omegaconf import OmegaConf
 

@@ -103,14 +103,16 @@ def logged_learning_rates(run_dir: Path) -> list[tuple[int, float]]:
     return [(event.step, event.value) for event in accumulator.Scalars("lr")]
 
 
-def test_a_learning_rate_constant_through_the_epoch_is_logged_once_an_epoch(make_config, tmp_path):
+@pytest.mark.parametrize(("scheduler", "rates"), [(["scheduler=none"], [1e-3] * 3),
+                                                   (["scheduler=step", "scheduler.lr_scheduler.step_size=1"], [1e-3, 5e-4, 2.5e-4])])
+def test_a_learning_rate_constant_through_the_epoch_is_logged_once_an_epoch(make_config, tmp_path, scheduler, rates):
     """No scheduler, or one that steps per epoch: one `lr` point per epoch (the rate that epoch trained with), not one per
     logging step (a self.log call each, ~0.3 ms)."""
-    cfg = make_config("scheduler=step", "scheduler.lr_scheduler.step_size=1", "trainer.max_epochs=3", "trainer.limit_train_batches=4",
-                      "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")  # logging every step (FAST)
+    cfg = make_config(*scheduler, "trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
+                      "trainer.limit_test_batches=1")  # logging every step (FAST)
     train(cfg)
     logged = logged_learning_rates(tmp_path / "run")
-    assert [value for _, value in logged] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    assert [value for _, value in logged] == pytest.approx(rates)
     assert [step for step, _ in logged] == [3, 7, 11]  # each epoch's last step, as Lightning logs epoch values
 
 

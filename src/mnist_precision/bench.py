@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import operator
+import re
 import resource
 import statistics
 import time
@@ -49,9 +50,11 @@ from mnist_precision.callbacks import TrainingMonitor, synchronize
 from mnist_precision.config import CONF_DIR
 from mnist_precision.data import MNIST_MEAN, MNIST_STD, EpochPermutation, MNISTDataModule, TensorBatchLoader
 from mnist_precision.errors import UserError, report_user_errors
-from mnist_precision.runs import job_entries, quote_values, remove_refused_run
+from mnist_precision.runs import job_entries, override_key, quote_values, remove_refused_run
 
 BASELINES = ("bare lightning", "plain loop", "per-sample pipeline")
+NEEDS_MONITOR = ("mnist-bench times the template's epochs with its training monitor: keep callbacks.training_monitor "
+                 "(callbacks=none and ~callbacks.training_monitor drop it)")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -147,8 +150,7 @@ def measure_template(overrides: list[str], output_dir: str, warmup: int, turns: 
     run = build_run(cfg)
     monitor = next((cb for cb in run.trainer.callbacks if isinstance(cb, TrainingMonitor)), None)
     if monitor is None:
-        raise UserError("mnist-bench times the template's epochs with its training monitor: keep callbacks.training_monitor "
-                        "(callbacks=none and ~callbacks.training_monitor drop it)")
+        raise UserError(NEEDS_MONITOR)
     run.trainer.callbacks.insert(0, TakeTurns(turns))
     run.fit()
     fit_metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
@@ -322,8 +324,10 @@ def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     jobs = []
     for model in settings.models:
         model_overrides = [f"model={model}", *settings.model_overrides.get(model, [])]
-        jobs += [("template", model, str(p), base + model_overrides + [f"precision={p}"]) for p in settings.precisions]
-        jobs += [(f"template: {name}", model, "32", base + model_overrides + ["precision=32", *overrides]) for name, overrides in variants.items()]
+        for precision in map(str, settings.precisions):
+            jobs.append(("template", model, precision, base + model_overrides + [f"precision={precision}"]))
+            if precision == "32":  # each variant's epochs right after the template's it is compared with
+                jobs += [(f"template: {name}", model, "32", jobs[-1][3] + overrides) for name, overrides in variants.items()]
         if settings.baselines:
             jobs += [(kind, model, "32", base + model_overrides) for kind in BASELINES]
     check_composes(jobs)
@@ -341,6 +345,9 @@ def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
             for (kind, model, precision, _), results in zip(jobs, rounds, strict=True)]
 
 
+FIXED_BY_THE_BENCH = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.limit_train_batches")
+
+
 def checked_variants(settings: DictConfig) -> dict[str, list[str]]:
     """`bench.variants`: name -> training overrides, each run as one more template configuration at precision 32 and
     compared with the template itself, epoch by epoch (what a callback, the logger or a setting costs)."""
@@ -352,6 +359,13 @@ def checked_variants(settings: DictConfig) -> dict[str, list[str]]:
                         "\"bench.variants={no_tensorboard:['logger=none']}\"")
     if variants and "32" not in [str(p) for p in settings.precisions]:
         raise UserError("bench.variants are compared with the template at precision 32: keep 32 in bench.precisions")
+    for name, overrides in variants.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)):  # it names a run directory and a column
+            raise UserError(f"bench.variants: the name {name!r} may hold only letters, digits, _ and -")
+        fixed = [o for o in overrides if (override_key(o) or "").split(".")[0] in ("model", "precision") or override_key(o) in FIXED_BY_THE_BENCH]
+        if fixed:
+            raise UserError(f"bench.variants.{name}: {', '.join(fixed)} would change what it is compared on: the bench sets the "
+                            "model, the precision (32) and the epochs and batches of every configuration")
     return {str(name): list(overrides) for name, overrides in variants.items()}
 
 
@@ -363,12 +377,17 @@ def check_composes(jobs: list[tuple[str, str, str, list[str]]]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    for overrides, (kind, model, precision, _) in {tuple(job[3]): job for job in jobs}.items():
+    first_jobs: dict[tuple[str, ...], tuple[str, str, str, list[str]]] = {}
+    for job in jobs:
+        first_jobs.setdefault(tuple(job[3]), job)
+    for kind, model, precision, overrides in first_jobs.values():
         try:
-            compose("train", overrides=quote_values(list(overrides)))
+            cfg = compose("train", overrides=quote_values(overrides))
         except (HydraException, OmegaConfBaseException) as error:
             message = str(error).split("\nConfig search path")[0].strip()
             raise UserError(f"the {kind} configuration ({model}, precision {precision}): {message}") from None
+        if kind.startswith("template") and not (cfg.get("callbacks") or {}).get("training_monitor"):
+            raise UserError(f"the {kind} configuration ({model}, precision {precision}): {NEEDS_MONITOR}")
 
 
 def take_turns(jobs: list[tuple[str, str, str, list[str]]], run_dir: Path, round_number: int, warmup: int) -> list[dict[str, Any]]:

@@ -118,7 +118,7 @@ class MNISTClassifier(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._train_sums = RunningSums.zeros(self.device)
         if not self._lr_changes_every_step:
-            # Constant through the epoch: logged once, as Lightning's LearningRateMonitor does for such schedules
+            # Constant through the epoch: logged once, as Lightning's LearningRateMonitor does for an epoch scheduler
             # (that callback itself would add its hook calls to every step).
             self.log("lr", self.optimizers().param_groups[0]["lr"])
 
