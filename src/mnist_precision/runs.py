@@ -269,15 +269,15 @@ def remove_refused_run(run_dir: Path, at_start: set[str], job_log: str) -> None:
     """Undo what a refused command wrote in its run dir, and nothing else. If the directory held only Hydra's files for
     this job when it started, it was made for it: all of it goes. Otherwise (a directory of the user's) only what the
     job added since its start goes; the rest, and Hydra's files written over it, stay."""
-    made_for_this_job = at_start <= {".hydra", job_log}
-    for entry in list(run_dir.iterdir()) if run_dir.is_dir() else []:
-        if made_for_this_job or entry.name not in at_start:
+    if at_start <= {".hydra", job_log}:  # made for this job
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for entry in run_dir.iterdir():
+        if entry.name not in at_start:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-    if made_for_this_job:
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @contextmanager
