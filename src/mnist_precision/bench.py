@@ -53,6 +53,7 @@ from mnist_precision.errors import UserError, report_user_errors
 from mnist_precision.runs import job_entries, override_key, quote_values, remove_refused_run
 
 BASELINES = ("bare lightning", "plain loop", "per-sample pipeline")
+VARIANT = "template: "  # a bench.variants configuration's kind is "template: <name>"
 NEEDS_MONITOR = ("mnist-bench times the template's epochs with its training monitor: keep callbacks.training_monitor "
                  "(callbacks=none and ~callbacks.training_monitor drop it)")
 
@@ -308,7 +309,7 @@ def _worker(kind: str, overrides: list[str], output_dir: str, warmup: int, conne
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- the worker's own, for its lifetime (the bar still draws)
     skip_nvml_probe_without_gpu()
     try:
-        measure = MEASURE[kind.partition(":")[0]]  # a variant's kind is "template: <name>"
+        measure = MEASURE["template" if kind.startswith(VARIANT) else kind]
         connection.send(("result", measure(overrides, output_dir, warmup, Turns(connection))))
     except Exception as error:  # the parent raises it (a UserError is reported as such)
         connection.send(("error", error if isinstance(error, UserError) else RuntimeError(f"{kind}: {type(error).__name__}: {error}")))
@@ -327,7 +328,7 @@ def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
         for precision in map(str, settings.precisions):
             jobs.append(("template", model, precision, base + model_overrides + [f"precision={precision}"]))
             if precision == "32":  # each variant's epochs right after the template's it is compared with
-                jobs += [(f"template: {name}", model, "32", jobs[-1][3] + overrides) for name, overrides in variants.items()]
+                jobs += [(VARIANT + name, model, "32", jobs[-1][3] + overrides) for name, overrides in variants.items()]
         if settings.baselines:
             jobs += [(kind, model, "32", base + model_overrides) for kind in BASELINES]
     check_composes(jobs)
@@ -362,7 +363,8 @@ def checked_variants(settings: DictConfig) -> dict[str, list[str]]:
     for name, overrides in variants.items():
         if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)):  # it names a run directory and a column
             raise UserError(f"bench.variants: the name {name!r} may hold only letters, digits, _ and -")
-        fixed = [o for o in overrides if (override_key(o) or "").split(".")[0] in ("model", "precision") or override_key(o) in FIXED_BY_THE_BENCH]
+        keys = {override: override_key(override) or "" for override in overrides}
+        fixed = [override for override, key in keys.items() if key.split(".")[0] in ("model", "precision") or key in FIXED_BY_THE_BENCH]
         if fixed:
             raise UserError(f"bench.variants.{name}: {', '.join(fixed)} would change what it is compared on: the bench sets the "
                             "model, the precision (32) and the epochs and batches of every configuration")
@@ -472,8 +474,8 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "per-sample pipeline" in by_kind:
             row["per-sample pipeline / template"] = paired(by_kind["per-sample pipeline"], template, operator.truediv)
         for kind, variant in by_kind.items():
-            if kind.startswith("template: "):
-                row[f"{kind.removeprefix('template: ')} / template"] = paired(variant, template, operator.truediv)
+            if kind.startswith(VARIANT):
+                row[f"{kind.removeprefix(VARIANT)} / template"] = paired(variant, template, operator.truediv)
         if len(row) > 1:
             rows.append(row)
     return rows
