@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import files_under
+from conftest import files_under, tensorboard_scalars
 
 from mnist_precision import eval as eval_cli
 from mnist_precision import train as train_cli
@@ -34,11 +34,7 @@ def event_files(run_dir: Path) -> list[Path]:
 
 
 def scalar_steps(run_dir: Path, tag: str) -> list[int]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
-    accumulator.Reload()
-    return [event.step for event in accumulator.Scalars(tag)]
+    return [step for step, _ in tensorboard_scalars(run_dir, tag)]
 
 
 def test_train_writes_a_run_dir_then_eval_tests_it_with_the_run_config(run_main, tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tensorboard_scalars
 from omegaconf import open_dict
 
 from mnist_precision.errors import TrainingDiverged
@@ -95,14 +96,6 @@ def test_optimizer_and_scheduler_groups_build_and_step(make_config, optimizer, s
     assert metrics["lr"] > 0
 
 
-def logged_learning_rates(run_dir: Path) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
-    accumulator.Reload()
-    return [(event.step, event.value) for event in accumulator.Scalars("lr")]
-
-
 @pytest.mark.parametrize(("scheduler", "rates"), [(["scheduler=none"], [1e-3] * 3),
                                                    (["scheduler=step", "scheduler.lr_scheduler.step_size=1"], [1e-3, 5e-4, 2.5e-4])])
 def test_a_learning_rate_constant_through_the_epoch_is_logged_once_an_epoch(make_config, tmp_path, scheduler, rates):
@@ -111,7 +104,7 @@ def test_a_learning_rate_constant_through_the_epoch_is_logged_once_an_epoch(make
     cfg = make_config(*scheduler, "trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
                       "trainer.limit_test_batches=1")  # logging every step (FAST)
     train(cfg)
-    logged = logged_learning_rates(tmp_path / "run")
+    logged = tensorboard_scalars(tmp_path / "run", "lr")
     assert [value for _, value in logged] == pytest.approx(rates)
     assert [step for step, _ in logged] == [3, 7, 11]  # each epoch's last step, as Lightning logs epoch values
 
@@ -120,7 +113,7 @@ def test_a_learning_rate_that_changes_every_step_is_logged_on_logging_steps(make
     cfg = make_config("scheduler=onecycle", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
                       "trainer.limit_test_batches=1", "trainer.log_every_n_steps=2")
     train(cfg)
-    logged = logged_learning_rates(tmp_path / "run")
+    logged = tensorboard_scalars(tmp_path / "run", "lr")
     assert [step for step, _ in logged] == [1, 3, 5, 7]
     assert len({value for _, value in logged}) == 4  # one-cycle: a new rate every step
 
