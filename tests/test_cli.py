@@ -106,13 +106,14 @@ def test_multirun_sweeps_precision_and_model(run_main, tmp_path):
 
 @pytest.mark.slow  # about 16 s: two DDP processes
 def test_ddp_on_cpu_with_two_processes(run_cli, tmp_path):
-    result = run_cli("train", "trainer=ddp_cpu", "trainer.max_epochs=1", timeout=400)
+    result = run_cli("train", "trainer=ddp_cpu", "trainer.max_epochs=1", timeout=400, env={"PYTHONWARNINGS": "default"})
     assert result.code == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path / "logs")
     checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4  # 512 training images / 2 ranks / 64 per batch
     assert result.stdout.count("test/acc=") == 1  # rank 0 alone reports
     assert (run_dir / "train_rank_1.log").is_file()  # rank 1 worked in the run's own directory
+    assert "It is recommended to use `self.log(" not in result.stdout + result.stderr  # values logged already reduced
 
 
 @pytest.mark.slow  # about 15 s: two jobs, each on two processes

@@ -31,9 +31,11 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
     (r"Precision \S+ is not supported by the model summary",
      "the summary's size column falls back to 32 bits a weight for 16-mixed/bf16-mixed (right: their weights are FP32) "
      "and for the master copy (a half model plus FP32 masters, 48 bits a weight: no single width is right)"),
-    (r"It is recommended to use `self.log\('(val/acc|val/acc_best|throughput/samples_per_sec)', \.\.\., sync_dist=True\)`",
-     "under DDP: val/acc and val/acc_best come from torchmetrics' compute(), already reduced over the ranks, and "
-     "samples/s is logged by rank 0 already multiplied by the world size (val/loss and test/loss do sync)"),
+    (r"It is recommended to use `self.log\('(train/loss_epoch|train/acc|val/loss|val/acc|val/acc_best|lr|throughput/samples_per_sec)', "
+     r"\.\.\., sync_dist=True\)`",
+     "under DDP: the epoch's loss and accuracy are logged already summed over the ranks (one all-reduce of the sums), "
+     "the learning rate is the same on every rank, and samples/s is logged by rank 0 already multiplied by the world "
+     "size (test/loss does sync)"),
     (r"is an Enum subclass and is now natively supported by torch.compile",
      "torchao 0.18 registers an Enum with torch's pytree on import, which torch 2.14 deprecates; nothing to do for users"),
     (r"No CUDA runtime is found, using CUDA_HOME",
