@@ -8,10 +8,14 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from omegaconf import DictConfig, open_dict
+
+if TYPE_CHECKING:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_precision.build import compose_training_config
 
@@ -153,10 +157,15 @@ def files_under(path: Path) -> dict[str, float]:
     return {str(p.relative_to(path)): p.stat().st_mtime for p in path.rglob("*") if p.is_file()}
 
 
-def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of each event of one scalar in a run's TensorBoard directory, read with TensorBoard's own reader."""
+def tensorboard_events(run_dir: Path) -> EventAccumulator:
+    """A run's TensorBoard directory as TensorBoard reads it: its own EventAccumulator, loaded."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(run_dir / "tensorboard"))
     accumulator.Reload()
-    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+    return accumulator
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of each event of one scalar in a run's TensorBoard directory, read with TensorBoard's own reader."""
+    return [(event.step, event.value) for event in tensorboard_events(run_dir).Scalars(tag)]

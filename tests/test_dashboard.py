@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import tensorboard_events
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from test_cli import only_run_dir
 
@@ -15,8 +15,7 @@ from mnist_precision import train as train_cli
 
 def hparams_of(run_dir: Path) -> tuple[dict, list[str], set[str]]:
     """As TensorBoard reads a run: its session's hparams values, its plugin tags, and its scalar tags (the metrics)."""
-    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
-    accumulator.Reload()
+    accumulator = tensorboard_events(run_dir)
     content = accumulator.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
     session = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
     values = {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind")) for name, value in session.hparams.items()}
@@ -45,8 +44,7 @@ def test_a_custom_scalars_layout_overlays_train_and_validation_loss(run_main, tm
 
     assert run_main(train_cli.main, "trainer.max_epochs=1", "precision=16-master").code == 0
     run_dir = only_run_dir(tmp_path / "logs")
-    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
-    accumulator.Reload()
+    accumulator = tensorboard_events(run_dir)
     assert metadata.CONFIG_SUMMARY_TAG in accumulator.Tags()["tensors"]  # what the Custom Scalars tab reads
     layout = layout_pb2.Layout.FromString(accumulator.Tensors(metadata.CONFIG_SUMMARY_TAG)[-1].tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
@@ -64,8 +62,7 @@ def test_logger_many_writes_tensorboard_and_a_csv_with_the_same_metrics(run_main
     with open(run_dir / "csv/metrics.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     val_acc = [float(row["val/acc"]) for row in rows if row.get("val/acc")]
-    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
-    accumulator.Reload()
+    accumulator = tensorboard_events(run_dir)
     assert len(val_acc) == 2 and val_acc == [event.value for event in accumulator.Scalars("val/acc")]
     assert any(row.get("test/acc") for row in rows) and any(row.get("train/loss_step") for row in rows)
 

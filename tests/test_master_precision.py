@@ -10,7 +10,7 @@ import textwrap
 import lightning as L
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, tensorboard_scalars
 from test_train import assert_same_training_state, load, straight_and_resumed
 
 from mnist_precision.build import build_run
@@ -186,13 +186,9 @@ def test_ddp_on_cpu_keeps_masters_identical_on_both_ranks(tmp_path, mnist_root):
 
 
 def test_tensorboard_gets_the_loss_scale_and_skipped_steps(make_config, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     train(make_config("precision=16-master", "precision.init_scale=1024", *LIMITED))
-    events = EventAccumulator(str(tmp_path / "run/tensorboard"))
-    events.Reload()
-    assert [e.value for e in events.Scalars("precision/loss_scale")][0] == 1024
-    assert [e.value for e in events.Scalars("precision/skipped_steps")][-1] == 0
+    assert tensorboard_scalars(tmp_path / "run", "precision/loss_scale")[0][1] == 1024
+    assert tensorboard_scalars(tmp_path / "run", "precision/skipped_steps")[-1][1] == 0
 
 
 @pytest.mark.parametrize("master, autocast", [("16-master", "16-mixed"), ("bf16-master", "bf16-mixed")])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import tensorboard_scalars
 
 from mnist_precision.build import build_run
 from mnist_precision.private_api import found_inf, should_log_this_step
@@ -29,9 +29,7 @@ def test_should_log_this_step_is_exactly_when_lightning_writes_step_values(make_
     recorder = RecordLoggingSteps()
     run.trainer.callbacks.append(recorder)
     run.trainer.fit(run.model, datamodule=run.datamodule)
-    events = EventAccumulator(str(tmp_path / "run/tensorboard"))
-    events.Reload()
-    written = [event.step for event in events.Scalars("train/loss_step")]
+    written = [step for step, _ in tensorboard_scalars(tmp_path / "run", "train/loss_step")]
     # Lightning writes a step's values under the optimizer-step count before that step (global_step - 1 at batch end).
     named = [step - 1 for step in recorder.named]
     assert written == named and len(written) >= 2, (written, named)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import tensorboard_events
 
 from mnist_precision import eval as eval_cli
 from mnist_precision import train as train_cli
@@ -101,8 +101,7 @@ def test_the_precision_table_has_the_readmes_columns(run_main, tmp_path):
 def test_the_tensorboard_tags_the_readme_names_are_logged(run_main, tmp_path):
     assert run_main(train_cli.main, "precision=16-master", "trainer.max_epochs=2").code == 0
     run_dir = next((tmp_path / "logs/train").iterdir())
-    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
-    accumulator.Reload()
+    accumulator = tensorboard_events(run_dir)
     paragraph = README[README.index("Each run logs `train/loss_step`"):README.index("The HParams tab")]
     named = [tag for tag in re.findall(r"`([a-z_]+(?:/[a-z_]+)?)`", paragraph) if "/" in tag or tag == "lr"]
     assert len(named) >= 12
