@@ -8,10 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import tensorboard_scalars
 from lightning.pytorch.callbacks import TQDMProgressBar
 from test_cli import only_run_dir
 
 from mnist_precision import train as train_cli
+from mnist_precision.build import build_run
 from mnist_precision.callbacks import EpochLines, progress_bar
 
 TESTS = str(Path(__file__).parent)
@@ -79,3 +81,15 @@ def test_the_progress_bar_is_tqdm_on_a_terminal_and_epoch_lines_otherwise(monkey
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)
     assert isinstance(progress_bar(), EpochLines)
 
+
+
+def test_the_tqdm_bar_shows_the_latest_logged_training_loss(make_config, monkeypatch, tmp_path):
+    """The module logs the step loss without prog_bar=True (else Lightning reads it on the host after every step);
+    the bar adds it when it redraws: the value TensorBoard got last."""
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    run = build_run(make_config("trainer.enable_progress_bar=true", "trainer.max_epochs=1", "trainer.log_every_n_steps=3"))
+    bar = next(callback for callback in run.trainer.callbacks if isinstance(callback, TQDMProgressBar))
+    run.fit()
+    assert "train/loss_step" not in run.trainer.progress_bar_metrics
+    last_logged = tensorboard_scalars(tmp_path / "run", "train/loss_step")[-1][1]
+    assert bar.get_metrics(run.trainer, run.model)["train/loss_step"] == pytest.approx(last_logged)

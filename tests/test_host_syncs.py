@@ -19,11 +19,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mnist_precision.build import build_run
 from mnist_precision.callbacks import TrainingMonitor
+from mnist_precision.private_api import should_log_this_step
 
 PRECISIONS = ["32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "16-master", "bf16-master"]
 WITH_GRAD_SCALER = {"16-mixed", "16-master", "bf16-master"}
-FIRST, LAST = 2, 6  # counted batches of the first epoch (8 batches; no logging step: log_every_n_steps=50)
-NO_LOGGING_STEP = ["trainer.log_every_n_steps=50", "trainer.max_epochs=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+# Lightning writes logged values after batches 1, 3, 5 and 7 of the 8 (log_every_n_steps=2). The counted steps, 2, 4
+# and 6, do not log, and each comes after one that did: what Lightning keeps of a logged value is there, as in a run.
+COUNTED = [2, 4, 6]
+EVERY_OTHER_STEP_LOGS = ["trainer.log_every_n_steps=2", "trainer.max_epochs=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 
 
 class HostReads(TorchDispatchMode):
@@ -66,24 +69,34 @@ class HostReads(TorchDispatchMode):
 
 
 class CountSteadyStateSteps(L.Callback):
+    """Counts the host reads of each COUNTED step, from the start of its batch to the start of the next: every
+    callback's and the module's work, the optimizer, and Lightning's bookkeeping after the batch."""
+
     def __init__(self) -> None:
-        self.reads = HostReads()
+        self.by_source: Counter[str] = Counter()
+        self.logged: dict[int, bool] = {}  # whether each counted step logged
+        self._step: tuple[int, HostReads] | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == FIRST:
-            self.reads.__enter__()
+        if self._step is not None:
+            self._step[1].__exit__(None, None, None)
+            self.by_source.update(self._step[1].by_source)
+            self._step = None
+        if batch_idx in COUNTED:
+            self._step = (batch_idx, HostReads().__enter__())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx == LAST:
-            self.reads.__exit__(None, None, None)
+        if batch_idx in COUNTED:
+            self.logged[batch_idx] = should_log_this_step(trainer)
 
 
 def count_host_reads(make_config, *overrides: str) -> Counter[str]:
-    run = build_run(make_config(*NO_LOGGING_STEP, *overrides))
+    run = build_run(make_config(*EVERY_OTHER_STEP_LOGS, *overrides))
     counter = CountSteadyStateSteps()
-    run.trainer.callbacks.insert(0, counter)  # first in, last out: it brackets every other callback's work
+    run.trainer.callbacks.insert(0, counter)  # first in: its batch start comes before every other callback's
     run.trainer.fit(run.model, datamodule=run.datamodule)
-    return counter.reads.by_source
+    assert counter.logged == dict.fromkeys(COUNTED, False)  # each counted step ran to the end, and none of them logged
+    return counter.by_source
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -97,8 +110,7 @@ def test_with_a_fused_optimizer_no_step_reads_a_tensor_on_the_host(make_config, 
 def test_with_a_plain_optimizer_only_grad_scaler_step_reads_its_flag(make_config, precision):
     """A non-fused optimizer can't skip on the device: GradScaler.step reads found_inf, once a step, and nothing else reads."""
     reads = count_host_reads(make_config, f"precision={precision}", "optimizer=sgd")
-    steps = LAST - FIRST + 1
-    expected = {"GradScaler": steps} if precision in WITH_GRAD_SCALER else {}
+    expected = {"GradScaler": len(COUNTED)} if precision in WITH_GRAD_SCALER else {}
     assert dict(reads) == expected
 
 
@@ -117,15 +129,12 @@ def test_the_counter_sees_every_kind_of_read_and_who_made_it():
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_on_cuda_steady_state_steps_do_not_synchronize(make_config, precision):
     class SyncDebugError(L.Callback):
+        """A sync raises from the start of each COUNTED batch to the start of the next (the counted steps of the tests above)."""
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == FIRST:
-                torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode("error" if batch_idx in COUNTED else "default")
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == LAST:
-                torch.cuda.set_sync_debug_mode("default")
-
-    run = build_run(make_config(*NO_LOGGING_STEP, "trainer=gpu", f"precision={precision}", "optimizer=adam", "+optimizer.fused=true"))
+    run = build_run(make_config(*EVERY_OTHER_STEP_LOGS, "trainer=gpu", f"precision={precision}", "optimizer=adam", "+optimizer.fused=true"))
     run.trainer.callbacks.insert(0, SyncDebugError())
     try:
         run.trainer.fit(run.model, datamodule=run.datamodule)  # a sync in the window raises RuntimeError

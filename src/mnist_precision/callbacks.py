@@ -348,8 +348,24 @@ def progress_bar(refresh_rate: int = 50) -> lightning_callbacks.ProgressBar:
     """Lightning's TQDM bar on a terminal; one plain line per epoch when stdout is a file or a pipe (CI, SLURM, nohup),
     where a bar's redraws would write thousands of carriage-return updates."""
     if sys.stdout.isatty():
-        return lightning_callbacks.TQDMProgressBar(refresh_rate=refresh_rate)
+        return StepLossBar(refresh_rate=refresh_rate)
     return EpochLines()
+
+
+class StepLossBar(lightning_callbacks.TQDMProgressBar):
+    """Lightning's TQDM bar, with the latest logged training loss beside its `prog_bar=True` metrics.
+
+    The module logs that loss without `prog_bar=True`: Lightning converts every progress-bar value to a Python
+    number after every step, logged in that step or not, which on a GPU waits for all of the queued work. Here it
+    is read only when the bar redraws (every `refresh_rate` steps).
+    """
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.logged_metrics.get("train/loss_step")
+        if loss is not None:
+            metrics["train/loss_step"] = float(loss)
+        return metrics
 
 
 class EpochLines(lightning_callbacks.ProgressBar):
