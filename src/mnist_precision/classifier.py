@@ -108,7 +108,7 @@ class MNISTClassifier(L.LightningModule):
         self._train_sums.add(loss.detach(), correct, one_hot.size(0))
         if should_log_this_step(self.trainer):  # self.log() costs ~0.3 ms: only on steps Lightning writes
             # Not prog_bar=True: Lightning would then read the latest logged value on the host after every step, a
-            # device sync on a GPU. The TQDM bar shows it when it redraws (callbacks.StepLossBar).
+            # device sync on a GPU (Lightning issue #21232). The TQDM bar shows it when it redraws (callbacks.StepLossBar).
             self.log("train/loss_step", loss)
             if self._lr_changes_every_step:
                 self.log("lr", self.optimizers().param_groups[0]["lr"])
