@@ -61,6 +61,24 @@ def test_matmul_benchmark_prints_a_table_for_each_dtype():
     assert all(float(row.split("|")[4]) > 0 for row in rows)
 
 
+@pytest.mark.slow  # about 10 s: a two-epoch run in a process of its own
+def test_time_calls_times_each_logged_value_logger_write_and_checkpoint(mnist_root):
+    """scripts/time_calls.py (README, Performance): a row for each self.log key, the logger's write and flush, and
+    the checkpoints with the torch.save and fsync inside them, each counted per epoch and timed."""
+    done = run_script("time_calls.py", f"data.data_dir={mnist_root}", *FAST, "trainer.max_epochs=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 epochs of 8 steps, logging every 1" in done.stdout  # 512 training images, batch 64
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in done.stdout.splitlines() if line.startswith("| ")]
+    table = {name: (float(per_epoch), float(median)) for name, per_epoch, median, _ in rows[1:]}
+    assert table["self.log('train/loss_step')"][0] == 8  # every step logs
+    assert table["self.log('val/acc')"][0] == 1
+    expected = {"TensorBoardLogger.log_metrics", "TensorBoardLogger.save (flush)", "trainer.save_checkpoint", "of which torch.save",
+                "of which os.fsync"}
+    assert expected <= set(table)
+    assert table["trainer.save_checkpoint"][0] == table["of which torch.save"][0] >= 1  # last.ckpt each epoch, and the best
+    assert all(median > 0 for _, median in table.values())
+
+
 @pytest.mark.parametrize("script", ["bench_transfer.py", "bench_relu_kernel.py"])
 def test_gpu_benchmarks_say_they_need_a_gpu_on_cpu(script):
     if torch.cuda.is_available():
