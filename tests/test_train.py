@@ -10,6 +10,7 @@ import torch
 from conftest import tensorboard_scalars
 from omegaconf import open_dict
 
+from mnist_precision.build import build_run
 from mnist_precision.errors import TrainingDiverged
 from mnist_precision.train import train
 
@@ -100,7 +101,7 @@ def test_optimizer_and_scheduler_groups_build_and_step(make_config, optimizer, s
                                                    (["scheduler=step", "scheduler.lr_scheduler.step_size=1"], [1e-3, 5e-4, 2.5e-4])])
 def test_a_learning_rate_constant_through_the_epoch_is_logged_once_an_epoch(make_config, tmp_path, scheduler, rates):
     """No scheduler, or one that steps per epoch: one `lr` point per epoch (the rate that epoch trained with), not one per
-    logging step (a self.log call each, ~0.3 ms)."""
+    logging step (a self.log call each, 0.2-0.7 ms)."""
     cfg = make_config(*scheduler, "trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1",
                       "trainer.limit_test_batches=1")  # logging every step (FAST)
     train(cfg)
@@ -116,6 +117,24 @@ def test_a_learning_rate_that_changes_every_step_is_logged_on_logging_steps(make
     logged = tensorboard_scalars(tmp_path / "run", "lr")
     assert [step for step, _ in logged] == [1, 3, 5, 7]
     assert len({value for _, value in logged}) == 4  # one-cycle: a new rate every step
+
+
+def test_val_loss_and_acc_are_the_mean_loss_and_accuracy_over_every_validation_image(make_config):
+    """Validation sums per batch and logs once at its end: the logged values equal a direct pass over the validation
+    set, whose last batch is smaller (128 images in batches of 100), where a mean of batch means would differ."""
+    run = build_run(make_config("trainer.max_epochs=1", "trainer.limit_test_batches=1"))
+    run.fit()
+    model, loss_sum, correct, images_seen = run.model.eval(), 0.0, 0, 0
+    with torch.no_grad():
+        for images, one_hot in run.datamodule.val_dataloader():
+            logits = model(images)
+            loss_sum += torch.nn.functional.cross_entropy(logits.float(), one_hot.float(), reduction="sum").item()
+            correct += int((logits.argmax(dim=1) == one_hot.argmax(dim=1)).sum())
+            images_seen += len(images)
+    assert images_seen == 128
+    logged = run.trainer.callback_metrics
+    assert float(logged["val/loss"]) == pytest.approx(loss_sum / images_seen, rel=1e-5)
+    assert float(logged["val/acc"]) == pytest.approx(correct / images_seen, abs=1e-7)
 
 
 def test_prediction_grid_frames_wrong_predictions_in_red():
