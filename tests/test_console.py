@@ -82,7 +82,6 @@ def test_the_progress_bar_is_tqdm_on_a_terminal_and_epoch_lines_otherwise(monkey
     assert isinstance(progress_bar(), EpochLines)
 
 
-
 def test_the_tqdm_bar_shows_the_latest_logged_training_loss(make_config, monkeypatch, tmp_path):
     """The module logs the step loss without prog_bar=True (else Lightning reads it on the host after every step);
     the bar adds it when it redraws: the value TensorBoard got last."""
@@ -93,3 +92,4 @@ def test_the_tqdm_bar_shows_the_latest_logged_training_loss(make_config, monkeyp
     assert "train/loss_step" not in run.trainer.progress_bar_metrics
     last_logged = tensorboard_scalars(tmp_path / "run", "train/loss_step")[-1][1]
     assert bar.get_metrics(run.trainer, run.model)["train/loss_step"] == pytest.approx(last_logged)
+    assert "train/loss_step=" in bar.train_progress_bar.postfix  # and the bar drew it

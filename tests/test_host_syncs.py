@@ -131,12 +131,21 @@ def test_on_cuda_steady_state_steps_do_not_synchronize(make_config, precision):
     class SyncDebugError(L.Callback):
         """A sync raises from the start of each COUNTED batch to the start of the next (the counted steps of the tests above)."""
 
+        def __init__(self) -> None:
+            self.logged: dict[int, bool] = {}
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             torch.cuda.set_sync_debug_mode("error" if batch_idx in COUNTED else "default")
 
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx in COUNTED:
+                self.logged[batch_idx] = should_log_this_step(trainer)
+
     run = build_run(make_config(*EVERY_OTHER_STEP_LOGS, "trainer=gpu", f"precision={precision}", "optimizer=adam", "+optimizer.fused=true"))
-    run.trainer.callbacks.insert(0, SyncDebugError())
+    bracket = SyncDebugError()
+    run.trainer.callbacks.insert(0, bracket)
     try:
         run.trainer.fit(run.model, datamodule=run.datamodule)  # a sync in the window raises RuntimeError
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert bracket.logged == dict.fromkeys(COUNTED, False)  # each counted step ran to the end, and none of them logged
