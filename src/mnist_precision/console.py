@@ -35,7 +35,8 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
      r"\.\.\., sync_dist=True\)`",
      "under DDP: the epoch's loss and accuracy are logged already summed over the ranks (one all-reduce of the sums), "
      "the learning rate is the same on every rank, and samples/s is logged by rank 0 already multiplied by the world "
-     "size (test/loss does sync)"),
+     "size (test/loss does sync). Matched by key: a value logged under one of these names per rank, unreduced, would "
+     "be silenced too; sync_dist=True on these would cost one all-reduce each, an epoch, for nothing"),
     (r"is an Enum subclass and is now natively supported by torch.compile",
      "torchao 0.18 registers an Enum with torch's pytree on import, which torch 2.14 deprecates; nothing to do for users"),
     (r"No CUDA runtime is found, using CUDA_HOME",
