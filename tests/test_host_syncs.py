@@ -68,13 +68,31 @@ class HostReads(TorchDispatchMode):
         return "template" if "mnist_precision" in caller else "lightning" if "/lightning/" in caller else "other"
 
 
-class CountSteadyStateSteps(L.Callback):
-    """Counts the host reads of each COUNTED step, from the start of its batch to the start of the next: every
-    callback's and the module's work, the optimizer, and Lightning's bookkeeping after the batch."""
+class CountedSteps(L.Callback):
+    """Brackets each COUNTED step, from the start of its batch to the start of the next (every callback's and the
+    module's work, the optimizer, Lightning's bookkeeping after the batch), and notes whether it logged."""
 
     def __init__(self) -> None:
+        self.logged: dict[int, bool] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx in COUNTED:
+            self.logged[batch_idx] = should_log_this_step(trainer)
+
+
+def fit_bracketed(make_config, bracket: CountedSteps, *overrides: str) -> None:
+    run = build_run(make_config(*EVERY_OTHER_STEP_LOGS, *overrides))
+    run.trainer.callbacks.insert(0, bracket)  # first in: its batch start comes before every other callback's
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert bracket.logged == dict.fromkeys(COUNTED, False)  # each counted step ran to the end, and none of them logged
+
+
+class CountSteadyStateSteps(CountedSteps):
+    """Counts the host reads of each COUNTED step."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.by_source: Counter[str] = Counter()
-        self.logged: dict[int, bool] = {}  # whether each counted step logged
         self._step: tuple[int, HostReads] | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -85,17 +103,10 @@ class CountSteadyStateSteps(L.Callback):
         if batch_idx in COUNTED:
             self._step = (batch_idx, HostReads().__enter__())
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx in COUNTED:
-            self.logged[batch_idx] = should_log_this_step(trainer)
-
 
 def count_host_reads(make_config, *overrides: str) -> Counter[str]:
-    run = build_run(make_config(*EVERY_OTHER_STEP_LOGS, *overrides))
     counter = CountSteadyStateSteps()
-    run.trainer.callbacks.insert(0, counter)  # first in: its batch start comes before every other callback's
-    run.trainer.fit(run.model, datamodule=run.datamodule)
-    assert counter.logged == dict.fromkeys(COUNTED, False)  # each counted step ran to the end, and none of them logged
+    fit_bracketed(make_config, counter, *overrides)
     return counter.by_source
 
 
@@ -128,24 +139,13 @@ def test_the_counter_sees_every_kind_of_read_and_who_made_it():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (issue 9, part C: run on the device)")
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_on_cuda_steady_state_steps_do_not_synchronize(make_config, precision):
-    class SyncDebugError(L.Callback):
-        """A sync raises from the start of each COUNTED batch to the start of the next (the counted steps of the tests above)."""
-
-        def __init__(self) -> None:
-            self.logged: dict[int, bool] = {}
+    class SyncDebugError(CountedSteps):
+        """A sync raises in each COUNTED step (the counted steps of the tests above)."""
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             torch.cuda.set_sync_debug_mode("error" if batch_idx in COUNTED else "default")
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx in COUNTED:
-                self.logged[batch_idx] = should_log_this_step(trainer)
-
-    run = build_run(make_config(*EVERY_OTHER_STEP_LOGS, "trainer=gpu", f"precision={precision}", "optimizer=adam", "+optimizer.fused=true"))
-    bracket = SyncDebugError()
-    run.trainer.callbacks.insert(0, bracket)
-    try:
-        run.trainer.fit(run.model, datamodule=run.datamodule)  # a sync in the window raises RuntimeError
+    try:  # a sync in a counted step raises RuntimeError
+        fit_bracketed(make_config, SyncDebugError(), "trainer=gpu", f"precision={precision}", "optimizer=adam", "+optimizer.fused=true")
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert bracket.logged == dict.fromkeys(COUNTED, False)  # each counted step ran to the end, and none of them logged
