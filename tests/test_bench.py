@@ -141,16 +141,21 @@ def test_a_refused_bench_in_a_directory_of_the_users_keeps_the_users_files(run_m
     assert (mine / "keep.txt").read_text() == "precious"
 
 
+def check_variants(variants: object, precisions: list[str] | None = None) -> dict[str, list[str]]:
+    """`checked_variants` on a bench config holding these variants (and precision 32 unless told)."""
+    from omegaconf import OmegaConf
+
+    return bench_cli.checked_variants(OmegaConf.create({"precisions": precisions or ["32"], "variants": variants}))
+
+
 @pytest.mark.parametrize(("variants", "message"), [
     ({"quiet": "logger=none"}, "must map names to lists of training overrides"),
     ({"quiet": [1]}, "must map names to lists of training overrides"),
     (["logger=none"], "must map names to lists of training overrides"),
 ])
 def test_bench_variants_that_are_not_lists_of_overrides_are_one_message(variants, message):
-    from omegaconf import OmegaConf
-
     with pytest.raises(UserError, match=message):
-        bench_cli.checked_variants(OmegaConf.create({"precisions": ["32"], "variants": variants}))
+        check_variants(variants)
 
 
 @pytest.mark.parametrize(("variants", "message"), [
@@ -161,10 +166,8 @@ def test_bench_variants_that_are_not_lists_of_overrides_are_one_message(variants
     ({"few": ["+trainer.limit_train_batches=5"]}, r"bench.variants.few: \+trainer.limit_train_batches=5 would change"),
 ])
 def test_a_variant_may_not_change_what_it_is_compared_on_nor_have_an_odd_name(variants, message):
-    from omegaconf import OmegaConf
-
     with pytest.raises(UserError, match=message):
-        bench_cli.checked_variants(OmegaConf.create({"precisions": ["32"], "variants": variants}))
+        check_variants(variants)
 
 
 def test_a_variant_without_the_training_monitor_is_refused_before_any_worker_starts(run_main, tmp_path):
@@ -186,10 +189,8 @@ def test_a_variants_ratio_is_its_epochs_paired_with_the_templates_and_leaves_the
 
 
 def test_bench_variants_need_the_template_at_precision_32_to_compare_with():
-    from omegaconf import OmegaConf
-
     with pytest.raises(UserError, match="keep 32 in bench.precisions"):
-        bench_cli.checked_variants(OmegaConf.create({"precisions": ["bf16-mixed"], "variants": {"quiet": ["logger=none"]}}))
+        check_variants({"quiet": ["logger=none"]}, precisions=["bf16-mixed"])
 
 
 class SlowParent:
