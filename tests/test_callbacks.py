@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 
 from mnist_precision.build import build_run
 from mnist_precision.callbacks import ModelCheckpoint
+from mnist_precision.private_api import TRAINING_STEP_HOOKS
 
 
 def test_kept_epoch_checkpoints_hold_the_state_of_their_epoch(make_config, tmp_path):
@@ -27,11 +29,22 @@ def test_the_cached_state_key_is_lightnings_own(tmp_path):
     assert ours.state_key == lightnings.state_key == ours.state_key
 
 
-def test_test_only_callbacks_stay_out_of_training_and_join_for_the_test(make_config):
-    run = build_run(make_config("trainer.max_epochs=1"))
-    test_only = {type(callback).__name__ for callback in run.test_callbacks}
-    assert test_only == {"TestFigures"}
+@pytest.mark.parametrize("bar, bar_hooks", [
+    (["callbacks.progress_bar._target_=mnist_precision.callbacks.EpochLines", "~callbacks.progress_bar.refresh_rate"], set()),
+    (["callbacks.progress_bar._target_=mnist_precision.callbacks.StepLossBar"], {("StepLossBar", "on_train_batch_end")}),  # TQDM's
+], ids=["epoch lines", "tqdm"])
+def test_training_steps_call_only_the_callback_hooks_that_do_something(make_config, bar, bar_hooks):
+    """Every training-step hook a callback inherits empty from Callback is off; those its class overrides stay on. The test
+    figures and the model summary, in the trainer from the start, cost a training step nothing."""
+    run = build_run(make_config("trainer.max_epochs=1", "trainer.enable_model_summary=true", "trainer.enable_progress_bar=true", *bar))
+    names = {type(callback).__name__ for callback in run.trainer.callbacks}
+    assert {"TestFigures", "ModelCheckpoint", "LastCheckpoint", "TrainingMonitor"} <= names and any("ModelSummary" in name for name in names)
+    called = {(type(callback).__name__, name) for callback in run.trainer.callbacks for name in TRAINING_STEP_HOOKS
+              if callable(getattr(callback, name))}
+    assert called == {
+        ("TrainingMonitor", "on_train_batch_start"), ("TrainingMonitor", "on_train_batch_end"),
+        ("ModelCheckpoint", "on_train_batch_end"), ("LastCheckpoint", "on_train_batch_end"), *bar_hooks,
+    }
     run.fit()
-    assert not any(type(callback).__name__ in test_only for callback in run.trainer.callbacks)
-    run.test()
-    assert sum(type(callback).__name__ == "TestFigures" for callback in run.trainer.callbacks) == 1
+    assert run.trainer.global_step == run.trainer.num_training_batches > 0
+    assert "test/acc" in run.test()

@@ -8,7 +8,7 @@ import torch
 from conftest import tensorboard_scalars
 
 from mnist_precision.build import build_run
-from mnist_precision.private_api import found_inf, should_log_this_step
+from mnist_precision.private_api import TRAINING_STEP_HOOKS, found_inf, should_log_this_step, skip_inherited_step_hooks
 
 
 class RecordLoggingSteps(L.Callback):
@@ -47,3 +47,49 @@ def test_found_inf_is_grad_scalers_flag_on_the_device():
         assert isinstance(flag, torch.Tensor) and flag.device == parameter.grad.device and float(flag) == expected
         scaler.step(optimizer)
         scaler.update()
+
+
+class CountsTrainingSteps(L.Callback):
+    def __init__(self) -> None:
+        self.batch_ends = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batch_ends += 1
+
+
+class TinyModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_skips_a_callback_hook_that_is_none(tmp_path):
+    """What `skip_inherited_step_hooks` relies on: Lightning does not call a hook set to None on the callback (if it
+    called it, fit would raise TypeError; if it looked the hook up on the class, `skipped` would count)."""
+    counted, skipped = CountsTrainingSteps(), CountsTrainingSteps()
+    skipped.on_train_batch_end = None
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 4)), batch_size=4)
+    trainer = L.Trainer(max_epochs=1, callbacks=[counted, skipped], default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyModule(), train_dataloaders=data)
+    assert (counted.batch_ends, skipped.batch_ends) == (3, 0)
+
+
+def test_skip_inherited_step_hooks_leaves_every_hook_that_does_something():
+    class Overrides(CountsTrainingSteps):
+        pass
+
+    own_hook = lambda *args: None  # noqa: E731
+    plain, overrides, patched = L.Callback(), Overrides(), L.Callback()
+    patched.on_before_backward = own_hook
+    skip_inherited_step_hooks([plain, overrides, patched])
+    assert all(getattr(plain, name) is None for name in TRAINING_STEP_HOOKS)
+    assert callable(overrides.on_train_batch_end) and overrides.on_before_backward is None  # overridden in a parent class
+    assert patched.on_before_backward is own_hook and patched.on_after_backward is None
+    assert callable(plain.on_train_epoch_end) and callable(plain.on_validation_batch_end)  # per-epoch and validation hooks stay

@@ -23,25 +23,23 @@ from mnist_precision.dashboard import mlflow_run_to_resume
 from mnist_precision.data import MNISTDataModule
 from mnist_precision.errors import UserError
 from mnist_precision.master_precision import MasterCopyPrecision
+from mnist_precision.private_api import skip_inherited_step_hooks
 from mnist_precision.profiling import NoProfiler
 from mnist_precision.runs import quote_values
 
 
 @dataclass
 class Run:
-    """What `build_run` makes of a config: fit it, then test it (with the test-only callbacks attached)."""
+    """What `build_run` makes of a config: fit it, then test it."""
 
     datamodule: MNISTDataModule
     model: MNISTClassifier
     trainer: L.Trainer
-    test_callbacks: list[L.Callback]  # attached for testing only (see build_run)
 
     def fit(self, ckpt_path: str | None = None) -> None:
         self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
     def test(self, ckpt_path: str | None = None, verbose: bool = True) -> dict[str, float]:
-        missing = [callback for callback in self.test_callbacks if callback not in self.trainer.callbacks]
-        self.trainer.callbacks.extend(missing)
         return self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=verbose)[0]
 
 
@@ -70,10 +68,6 @@ def build_run(cfg: DictConfig) -> Run:
     callbacks = [build(f"callbacks.{name}", node) for name, node in (cfg.get("callbacks") or {}).items() if node is not None]
     if not cfg.trainer.enable_progress_bar:  # Lightning refuses a progress bar callback when the bar is off
         callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
-    # Lightning calls every hook of every callback on every training step (~2 us each on CPU): a callback with
-    # only test hooks (`test_only = True`) joins the trainer when testing starts.
-    test_callbacks = [callback for callback in callbacks if getattr(callback, "test_only", False)]
-    callbacks = [callback for callback in callbacks if callback not in test_callbacks]
     loggers = [build(f"logger.{name}", node, **mlflow_run_to_resume(node, cfg.resume))
                for name, node in (cfg.get("logger") or {}).items() if node is not None]
     precision = precision_arguments(cfg.precision, cfg.trainer, cfg.optimizer)
@@ -82,7 +76,8 @@ def build_run(cfg: DictConfig) -> Run:
     # _convert_: Lightning reads plain dicts (max_time={hours: 12}), not OmegaConf's DictConfig.
     trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **precision, **no_profiler,
                     _convert_="all")
-    return Run(build("data", cfg.data), model, trainer, test_callbacks)
+    skip_inherited_step_hooks(trainer.callbacks)  # with Lightning's own (progress bar, model summary), now all there
+    return Run(build("data", cfg.data), model, trainer)
 
 
 def build(key: str, node: DictConfig | None, **kwargs: Any) -> Any:

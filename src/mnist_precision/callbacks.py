@@ -411,8 +411,6 @@ class TestFigures(L.Callback):
     anywhere in the test set, framed in red (at 99 % accuracy the first images are all right).
     """
 
-    test_only = True  # build_run attaches it for testing only: no cost in training steps
-
     def __init__(self, num_images: int = 64) -> None:
         self.num_images = num_images
         self.confusion = MulticlassConfusionMatrix(NUM_CLASSES)
