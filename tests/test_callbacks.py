@@ -34,8 +34,9 @@ def test_the_cached_state_key_is_lightnings_own(tmp_path):
     (["callbacks.progress_bar._target_=mnist_precision.callbacks.StepLossBar"], {("StepLossBar", "on_train_batch_end")}),  # TQDM's
 ], ids=["epoch lines", "tqdm"])
 def test_training_steps_call_only_the_callback_hooks_that_do_something(make_config, bar, bar_hooks):
-    """Every training-step hook a callback inherits empty from Callback is off; those its class overrides stay on. The test
-    figures and the model summary, in the trainer from the start, cost a training step nothing."""
+    """Every training-step hook a callback inherits empty from Callback is off, and so are the model's (MNISTClassifier
+    overrides none); those a callback's class overrides stay on. The test figures and the model summary, in the trainer
+    from the start, cost a training step nothing."""
     run = build_run(make_config("trainer.max_epochs=1", "trainer.enable_model_summary=true", "trainer.enable_progress_bar=true", *bar))
     names = {type(callback).__name__ for callback in run.trainer.callbacks}
     assert {"TestFigures", "ModelCheckpoint", "LastCheckpoint", "TrainingMonitor"} <= names and any("ModelSummary" in name for name in names)
@@ -45,6 +46,7 @@ def test_training_steps_call_only_the_callback_hooks_that_do_something(make_conf
         ("TrainingMonitor", "on_train_batch_start"), ("TrainingMonitor", "on_train_batch_end"),
         ("ModelCheckpoint", "on_train_batch_end"), ("LastCheckpoint", "on_train_batch_end"), *bar_hooks,
     }
+    assert all(getattr(run.model, name) is None for name in TRAINING_STEP_HOOKS)
     run.fit()
     assert run.trainer.global_step == run.trainer.num_training_batches > 0
     assert "test/acc" in run.test()

@@ -61,35 +61,49 @@ class TinyModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(4, 1)
+        self.batch_ends = 0
 
     def training_step(self, batch, batch_idx):
         return self.layer(batch[0]).pow(2).mean()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.batch_ends += 1
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_lightning_skips_a_callback_hook_that_is_none(tmp_path):
-    """What `skip_inherited_step_hooks` relies on: Lightning does not call a hook set to None on the callback (if it
-    called it, fit would raise TypeError; if it looked the hook up on the class, `skipped` would count)."""
-    counted, skipped = CountsTrainingSteps(), CountsTrainingSteps()
-    skipped.on_train_batch_end = None
+def fit_tiny(tmp_path, model: L.LightningModule, callbacks: list[L.Callback]) -> None:
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 4)), batch_size=4)
-    trainer = L.Trainer(max_epochs=1, callbacks=[counted, skipped], default_root_dir=tmp_path, logger=False,
+    trainer = L.Trainer(max_epochs=1, callbacks=callbacks, default_root_dir=tmp_path, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(TinyModule(), train_dataloaders=data)
-    assert (counted.batch_ends, skipped.batch_ends) == (3, 0)
+    trainer.fit(model, train_dataloaders=data)
 
 
-def test_skip_inherited_step_hooks_leaves_every_hook_that_does_something():
+def test_lightning_skips_a_hook_that_is_none(tmp_path):
+    """What `skip_inherited_step_hooks` relies on: Lightning does not call a callback's or the model's hook set to None
+    (if it called it, fit would raise TypeError; if it looked the hook up on the class, the count would not be 0)."""
+    counted, skipped, model, skipped_model = CountsTrainingSteps(), CountsTrainingSteps(), TinyModule(), TinyModule()
+    skipped.on_train_batch_end = None
+    skipped_model.on_train_batch_end = None
+    fit_tiny(tmp_path, model, [counted, skipped])
+    fit_tiny(tmp_path, skipped_model, [])
+    assert (counted.batch_ends, skipped.batch_ends, model.batch_ends, skipped_model.batch_ends) == (3, 0, 3, 0)
+
+
+def test_skip_inherited_step_hooks_leaves_every_hook_that_does_something(tmp_path):
     class Overrides(CountsTrainingSteps):
         pass
 
     own_hook = lambda *args: None  # noqa: E731
-    plain, overrides, patched = L.Callback(), Overrides(), L.Callback()
+    plain, overrides, patched, model = L.Callback(), Overrides(), L.Callback(), TinyModule()
     patched.on_before_backward = own_hook
-    skip_inherited_step_hooks([plain, overrides, patched])
+    skip_inherited_step_hooks([plain, overrides, patched], model)
     assert all(getattr(plain, name) is None for name in TRAINING_STEP_HOOKS)
     assert callable(overrides.on_train_batch_end) and overrides.on_before_backward is None  # overridden in a parent class
     assert patched.on_before_backward is own_hook and patched.on_after_backward is None
     assert callable(plain.on_train_epoch_end) and callable(plain.on_validation_batch_end)  # per-epoch and validation hooks stay
+    assert callable(model.on_train_batch_end) and all(getattr(model, name) is None for name in TRAINING_STEP_HOOKS if name != "on_train_batch_end")
+    assert [name for name, _ in model.named_parameters()] == ["layer.weight", "layer.bias"]
+    fit_tiny(tmp_path, model, [plain, overrides, patched])
+    assert (overrides.batch_ends, model.batch_ends) == (3, 3)

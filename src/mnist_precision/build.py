@@ -76,7 +76,7 @@ def build_run(cfg: DictConfig) -> Run:
     # _convert_: Lightning reads plain dicts (max_time={hours: 12}), not OmegaConf's DictConfig.
     trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **precision, **no_profiler,
                     _convert_="all")
-    skip_inherited_step_hooks(trainer.callbacks)  # with Lightning's own (progress bar, model summary), now all there
+    skip_inherited_step_hooks(trainer.callbacks, model)  # with Lightning's own callbacks (progress bar, summary), all there now
     return Run(build("data", cfg.data), model, trainer)
 
 

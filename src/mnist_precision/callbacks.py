@@ -33,8 +33,9 @@ class ModelCheckpoint(lightning_callbacks.ModelCheckpoint):
     """Lightning's ModelCheckpoint, with its state key computed once.
 
     Lightning labels every hook call of every callback with `callback.state_key`, which ModelCheckpoint
-    rebuilds each time as the repr of its settings: 6 hooks a step, about 3 us each on CPU (measured). The
-    settings it is made of are fixed at construction, so the first answer stays right.
+    rebuilds each time as the repr of its settings: about 3 us a call on CPU (measured), and its
+    `on_train_batch_end` is called every step. The settings it is made of are fixed at construction, so the
+    first answer stays right.
     """
 
     @property
@@ -53,8 +54,8 @@ class LastCheckpoint(ModelCheckpoint):
     `every_n_train_steps` (0: never) also writes it every N optimizer steps, which bounds what a SIGKILL
     can lose. (ModelCheckpoint allows either an epoch or a step trigger, not both: the step one is ours.)
     `keep_every_n_epochs` (0: never) also keeps the state of every N-th epoch as `epoch_{N-1:03d}.ckpt`
-    (the Flux tutorial saves every 5): here rather than in a second ModelCheckpoint, which would cost its
-    hook calls on every training step.
+    (the Flux tutorial saves every 5): here rather than in a second ModelCheckpoint, whose `on_train_batch_end`
+    would be called on every training step.
 
     A run that ends mid-epoch (`trainer.max_steps`, or `trainer.should_stop` as Lightning's Timer sets it on
     `max_time`, or EarlyStopping at a mid-epoch validation) is saved at the batch where it stops, not at the
@@ -199,8 +200,8 @@ class TrainingMonitor(L.Callback):
     - `fit_seconds`: from the first training step to the end of the last epoch (validation and checkpoints
       included; start-up, sanity check and test not), timed with CUDA events on a GPU.
 
-    One callback rather than three: Lightning calls every per-step hook of every callback, with a
-    profiler context, whether or not it overrides it (about 2 us per callback and hook on this CPU).
+    One callback rather than three: Lightning calls each per-step hook a callback overrides through a profiler
+    context (about 0.6 us a call on this CPU, timed, besides the hook's own work).
     """
 
     def __init__(self, patience: int = 5) -> None:

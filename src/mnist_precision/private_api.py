@@ -22,28 +22,29 @@ def should_log_this_step(trainer: L.Trainer) -> bool:
     return trainer._logger_connector.should_update_logs
 
 
-# The callback hooks Lightning calls on every training step, through `_call_callback_hooks`.
+# The hooks of every callback and of the LightningModule that Lightning calls on every training step.
 TRAINING_STEP_HOOKS = (
     "on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
     "on_train_batch_end",
 )
 
 
-def skip_inherited_step_hooks(callbacks: list[L.Callback]) -> None:
-    """Stop Lightning calling each training-step hook a callback inherits unchanged from `Callback` (which does nothing).
+def skip_inherited_step_hooks(callbacks: list[L.Callback], model: L.LightningModule) -> None:
+    """Stop Lightning calling each training-step hook that a callback inherits unchanged from `Callback`, or the model
+    from `LightningModule`: those do nothing.
 
-    Lightning calls every per-step hook of every callback, overridden or not, each with a profiler context whose
-    name it formats from the callback's state key: about 3 us per hook for the template's five training callbacks
-    on CPU, 6 hooks a step, most of them empty (measured; README, Performance). Its dispatcher
-    (`trainer/call.py`, `_call_callback_hooks`) skips a hook attribute that is not callable, so an instance attribute
-    of None hides the inherited no-op. A hook a callback's class overrides, at any depth, or that is set on the
-    instance itself, is left alone. There is
-    no public switch for this (torchtnt's loop does it itself: it calls only the hooks a callback overrides).
+    Lightning calls all six of them on every callback and on the model, overridden or not, each through a profiler
+    context named by a formatted string: for the template's five training callbacks about 3 us per hook, for the
+    model about 1 us, some 20 us a step on CPU (measured; README, Performance). Its dispatchers (`trainer/call.py`:
+    `_call_callback_hooks`, `_call_lightning_module_hook`) skip a hook attribute that is not callable, so an instance
+    attribute of None hides the inherited no-op. A hook that the class overrides, at any depth, or that is set on the
+    instance itself, is left alone. There is no public switch for this (torchtnt's loop does it itself: it calls
+    only the hooks a callback overrides).
     """
-    for callback in callbacks:
+    for owner, base in [*((callback, L.Callback) for callback in callbacks), (model, L.LightningModule)]:
         for name in TRAINING_STEP_HOOKS:
-            if name not in vars(callback) and getattr(type(callback), name) is getattr(L.Callback, name):
-                setattr(callback, name, None)
+            if name not in vars(owner) and getattr(type(owner), name) is getattr(base, name):
+                setattr(owner, name, None)
 
 
 def found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> Tensor:
