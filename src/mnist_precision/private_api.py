@@ -30,21 +30,25 @@ TRAINING_STEP_HOOKS = (
 
 
 def skip_inherited_step_hooks(callbacks: list[L.Callback], model: L.LightningModule) -> None:
-    """Stop Lightning calling each training-step hook that a callback inherits unchanged from `Callback`, or the model
-    from `LightningModule`: those do nothing.
+    """Stop Lightning calling the training-step hooks that each callback inherits unchanged from `Callback`, and the
+    model from `LightningModule`: they do nothing, but Lightning calls all six on every object, every step, each
+    through a profiler context with a formatted name (a few us a step each; README, Performance).
 
-    Lightning calls all six of them on every callback and on the model, overridden or not, each through a profiler
-    context named by a formatted string: for the template's five training callbacks about 3 us per hook, for the
-    model about 1 us, some 20 us a step on CPU (measured; README, Performance). Its dispatchers (`trainer/call.py`:
-    `_call_callback_hooks`, `_call_lightning_module_hook`) skip a hook attribute that is not callable, so an instance
-    attribute of None hides the inherited no-op. A hook that the class overrides, at any depth, or that is set on the
-    instance itself, is left alone. There is no public switch for this (torchtnt's loop does it itself: it calls
-    only the hooks a callback overrides).
+    Lightning's dispatchers (`trainer/call.py`: `_call_callback_hooks`, `_call_lightning_module_hook`) skip a hook
+    attribute that is not callable, so an instance attribute of None hides the inherited no-op. A hook that the
+    class overrides, at any depth, or that is set on the instance, is left alone. No public switch does this
+    (torchtnt's loop does it itself: it calls only the hooks a callback overrides). Callbacks that join later
+    (`configure_callbacks`, the tuner's) are called as usual.
     """
-    for owner, base in [*((callback, L.Callback) for callback in callbacks), (model, L.LightningModule)]:
-        for name in TRAINING_STEP_HOOKS:
-            if name not in vars(owner) and getattr(type(owner), name) is getattr(base, name):
-                setattr(owner, name, None)
+    for callback in callbacks:
+        _skip_inherited(callback, L.Callback)
+    _skip_inherited(model, L.LightningModule)
+
+
+def _skip_inherited(owner: object, base: type) -> None:
+    for name in TRAINING_STEP_HOOKS:
+        if name not in vars(owner) and getattr(type(owner), name) is getattr(base, name):
+            setattr(owner, name, None)
 
 
 def found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> Tensor:
