@@ -17,6 +17,7 @@ from conftest import FAST
 
 from mnist_precision import bench as bench_cli
 from mnist_precision.errors import UserError
+from mnist_precision.private_api import TRAINING_STEP_HOOKS
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
@@ -217,6 +218,25 @@ def test_the_template_waits_for_its_turn_outside_its_clocks(mnist_root, tmp_path
     assert [what for what, _ in parent.sent] == ["ready", "epoch", "epoch"]
     assert all(end - start < SlowParent.WAIT for start, end in result["epoch_spans"])
     assert result["samples_per_sec"] > 2 * 64 / SlowParent.WAIT  # 2 batches of 64 trained in less than one wait
+
+
+def test_the_benchs_clock_adds_no_hook_call_to_the_templates_steps(mnist_root, tmp_path, monkeypatch):
+    """Bare Lightning times itself in its own module hooks; the template's TakeTurns callback must not cost its steps
+    the six training-step hooks it inherits empty either."""
+    made = []
+
+    class Recorded(bench_cli.TakeTurns):
+        def __init__(self, turns):
+            super().__init__(turns)
+            made.append(self)
+
+    class Parent(SlowParent):
+        WAIT = 0.0
+
+    monkeypatch.setattr(bench_cli, "TakeTurns", Recorded)
+    overrides = [f"data.data_dir={mnist_root}", *FAST, "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+    bench_cli.measure_template(overrides, str(tmp_path / "run"), 0, bench_cli.Turns(Parent()))
+    assert len(made) == 1 and all(getattr(made[0], name) is None for name in TRAINING_STEP_HOOKS)
 
 
 def test_without_the_training_monitor_the_bench_says_what_it_times_with(mnist_root, tmp_path):

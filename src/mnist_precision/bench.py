@@ -50,6 +50,7 @@ from mnist_precision.callbacks import TrainingMonitor, synchronize
 from mnist_precision.config import CONF_DIR
 from mnist_precision.data import MNIST_MEAN, MNIST_STD, EpochPermutation, MNISTDataModule, TensorBatchLoader
 from mnist_precision.errors import UserError, report_user_errors
+from mnist_precision.private_api import skip_inherited_step_hooks
 from mnist_precision.runs import job_entries, override_key, quote_values, remove_refused_run
 
 BASELINES = ("bare lightning", "plain loop", "per-sample pipeline")
@@ -153,6 +154,7 @@ def measure_template(overrides: list[str], output_dir: str, warmup: int, turns: 
     if monitor is None:
         raise UserError(NEEDS_MONITOR)
     run.trainer.callbacks.insert(0, TakeTurns(turns))
+    skip_inherited_step_hooks(run.trainer.callbacks, run.model)  # as build_run does: the bench's clock adds no hook call to a step
     run.fit()
     fit_metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
     test_metrics = run.test(verbose=False)
