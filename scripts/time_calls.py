@@ -58,8 +58,12 @@ def main() -> None:
     print("| call | calls per epoch | median (ms) | per epoch (ms) |")
     print("|---|---|---|---|")
     order = ("self.log", "Logger", "trainer.save_checkpoint", "  of which torch.save", "  of which os.fsync")
-    rank = lambda name: next((i for i, part in enumerate(order) if part in name), len(order))  # noqa: E731
-    for name, times in sorted(seconds.items(), key=lambda item: (rank(item[0]), item[0])):
+
+    def rank(item: tuple[str, list[float]]) -> tuple[int, str]:  # in `order`; a name matching none sorts last
+        name = item[0]
+        return next((i for i, part in enumerate(order) if part in name), len(order)), name
+
+    for name, times in sorted(seconds.items(), key=rank):
         print(f"| {name} | {len(times) / epochs:.1f} | {statistics.median(times) * 1e3:.2f} | {sum(times) / epochs * 1e3:.1f} |")
 
 

@@ -16,9 +16,10 @@ class NoProfiler(PassThroughProfiler):
     """What `Trainer(profiler=None)` means, Lightning's PassThroughProfiler, without the cost of doing nothing.
 
     Lightning wraps every hook call in `profiler.profile(name)`: 15 a training step with the template's callbacks
-    (47 before their empty hooks were skipped: `private_api.skip_inherited_step_hooks`). The default's `profile` is a contextlib generator, built, entered and exited each time, which
-    does nothing; one shared `nullcontext` does the same nothing for a fraction of the interpreter's work
-    (measured in instructions per step: see README, Performance).
+    (47 before their empty hooks were skipped: `private_api.skip_inherited_step_hooks`). The default's `profile`
+    is a contextlib generator, built, entered and exited each time, which does nothing; one shared `nullcontext`
+    does the same nothing for a fraction of the interpreter's work (measured in instructions per step: see
+    README, Performance).
     """
 
     _NOTHING = nullcontext()
