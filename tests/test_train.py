@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import tensorboard_scalars
@@ -135,6 +136,72 @@ def test_val_loss_and_acc_are_the_mean_loss_and_accuracy_over_every_validation_i
     logged = run.trainer.callback_metrics
     assert float(logged["val/loss"]) == pytest.approx(loss_sum / images_seen, rel=1e-5)
     assert float(logged["val/acc"]) == pytest.approx(correct / images_seen, abs=1e-7)
+
+
+@pytest.mark.parametrize("fold_every", [3, 32], ids=["folded mid-epoch", "folded at epoch end"])
+def test_train_loss_and_acc_are_the_mean_loss_and_accuracy_over_every_training_image(make_config, monkeypatch, fold_every):
+    """A training batch keeps its logits and targets and their sums are made every FOLD_EVERY batches and at the epoch's
+    end: the logged epoch values equal each step's own logits and targets summed directly (7 batches of 64, 3 folds
+    of 3, 3 and 1 batches, or one of 7)."""
+    from mnist_precision.classifier import RunningSums
+
+    monkeypatch.setattr(RunningSums, "FOLD_EVERY", fold_every)
+    run = build_run(make_config("trainer.max_epochs=1", "trainer.limit_train_batches=7", "trainer.limit_val_batches=1",
+                                "trainer.limit_test_batches=1"))
+    step_logits, step_targets = [], []
+
+    class RecordTargets(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step_targets.append(batch[1])
+
+    def record_training_logits(net, inputs, logits):
+        if run.trainer.training:  # not validation's
+            step_logits.append(logits.detach())
+
+    run.model.net.register_forward_hook(record_training_logits)
+    run.trainer.callbacks.append(RecordTargets())
+    run.fit()
+    logits, one_hot = torch.cat(step_logits), torch.cat(step_targets)
+    assert len(step_logits) == len(step_targets) == 7 and len(logits) == 7 * 64
+    logged = run.trainer.callback_metrics
+    loss = torch.nn.functional.cross_entropy(logits, one_hot, reduction="sum") / len(logits)
+    assert float(logged["train/loss_epoch"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(logged["train/acc"]) == pytest.approx(float((logits.argmax(1) == one_hot.argmax(1)).float().mean()), abs=1e-7)
+
+
+def test_gradients_are_clipped_only_when_asked(make_config, monkeypatch):
+    """MNISTClassifier's configure_gradient_clipping hands a clip value on to Lightning (by norm or by value, each step) and
+    skips Lightning's per-step checks without one: the precision plugin's clip_gradients is then never called."""
+    from lightning.pytorch.plugins.precision import Precision
+
+    calls = []
+    original = Precision.clip_gradients
+
+    def recording(self, optimizer, clip_val=0.0, gradient_clip_algorithm=None):
+        calls.append((clip_val, str(gradient_clip_algorithm)))
+        return original(self, optimizer, clip_val, gradient_clip_algorithm)
+
+    monkeypatch.setattr(Precision, "clip_gradients", recording)
+    limits = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1"]
+    build_run(make_config(*limits)).fit()
+    assert calls == []
+    build_run(make_config(*limits, "trainer.gradient_clip_val=0.5", "+trainer.gradient_clip_algorithm=value")).fit()
+    assert calls == [(0.5, "GradClipAlgorithmType.VALUE")] * 3
+
+
+def test_lightning_reads_training_steps_signature_from_its_cache():
+    """Lightning asks inspect on every step whether training_step takes batch_idx; inspect answers from __signature__."""
+    import inspect
+
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    from mnist_precision.classifier import MNISTClassifier
+
+    model = MNISTClassifier(torch.nn.Linear(784, 10), optimizer=torch.optim.SGD)
+    assert inspect.signature(model.training_step, follow_wrapped=False).parameters.keys() == {"batch", "batch_idx"}
+    assert inspect.signature(MNISTClassifier.training_step) is MNISTClassifier.training_step.__signature__
+    assert inspect.getfullargspec(model.training_step).args == ["self", "batch", "batch_idx"]
+    assert is_param_in_hook_signature(model.training_step, "batch_idx", min_args=2)
 
 
 def test_prediction_grid_frames_wrong_predictions_in_red():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import lightning as L
 import torch
@@ -20,29 +20,50 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
+def batch_loss(logits: Tensor, one_hot: Tensor, reduction: str = "mean") -> Tensor:
+    # FP32 loss whatever the compute dtype: half-precision log-softmax loses the small terms.
+    return F.cross_entropy(logits.float(), one_hot.float(), reduction=reduction)
+
+
 @dataclass
 class RunningSums:
-    """An epoch's loss and correct predictions so far (training or validation), summed on the device without a host sync.
+    """An epoch's summed loss, correct predictions and sample count (training or validation), on the device, no host sync.
 
-    A plain object, not module attributes or buffers: nn.Module's __setattr__ costs microseconds on every
-    step, and half-precision plugins would cast buffers to float16.
+    A batch only keeps references to its detached logits and its targets; every `FOLD_EVERY` batches, and when the sums
+    are read, their loss and correct predictions are summed in a few ops over all of them. Per batch that would be six
+    small ops (argmax, gather, two sums, two additions): ~20 us of a 1-2 ms MLP step on CPU (timed), and six kernel
+    launches on a GPU. A plain object, not module attributes or buffers: nn.Module's __setattr__ costs microseconds on
+    every step, and half-precision plugins would cast buffers to float16.
     """
+
+    FOLD_EVERY: ClassVar[int] = 32  # batches held at most: their logits and targets, 32 x 128 x 10 x 2 floats for the MLP
 
     loss: Tensor
     correct: Tensor
     samples: int = 0
+    pending: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     @classmethod
     def zeros(cls, device: torch.device) -> RunningSums:
         # FP32 whatever the default dtype (16-true and bf16-true change it around the steps): counts above 2048 stay exact.
         return cls(torch.zeros((), dtype=torch.float32, device=device), torch.zeros((), dtype=torch.float32, device=device))
 
-    def add(self, batch_mean_loss: Tensor, correct: Tensor, samples: int) -> None:
-        self.loss.add_(batch_mean_loss, alpha=samples)
-        self.correct.add_(correct)
-        self.samples += samples
+    def add(self, logits: Tensor, one_hot: Tensor) -> None:
+        self.pending.append((logits.detach(), one_hot))
+        self.samples += one_hot.size(0)
+        if len(self.pending) == self.FOLD_EVERY:
+            self.fold()
+
+    def fold(self) -> None:
+        if not self.pending:
+            return
+        logits, one_hot = torch.cat([logits for logits, _ in self.pending]), torch.cat([one_hot for _, one_hot in self.pending])
+        self.pending = []
+        self.loss.add_(batch_loss(logits, one_hot, reduction="sum"))
+        self.correct.add_(one_hot.gather(1, logits.argmax(dim=1, keepdim=True)).sum())  # the target's weight at each prediction
 
     def stacked(self) -> Tensor:
+        self.fold()
         return torch.stack([self.loss, self.correct, torch.tensor(float(self.samples), dtype=torch.float32, device=self.loss.device)])
 
 
@@ -92,21 +113,11 @@ class MNISTClassifier(L.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """The loss, the logits and the one-hot targets of a batch."""
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, one_hot = batch
         logits = self(images)
-        # FP32 loss whatever the compute dtype: half-precision log-softmax loses the small terms.
-        return F.cross_entropy(logits.float(), one_hot.float()), logits, one_hot
-
-    def _eval_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        loss, logits, one_hot = self._shared_step(batch)
-        return loss, logits.argmax(dim=1), one_hot.argmax(dim=1)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss, logits, one_hot = self._shared_step(batch)
-        correct = one_hot.gather(1, logits.argmax(dim=1, keepdim=True)).sum()  # the target's weight at each prediction
-        self._train_sums.add(loss.detach(), correct, one_hot.size(0))
+        loss = batch_loss(logits, one_hot)
+        self._train_sums.add(logits, one_hot)
         if should_log_this_step(self.trainer):  # self.log() costs 0.2-0.7 ms: only on steps Lightning writes
             # Not prog_bar=True: Lightning would then read the latest logged value on the host after every step, a
             # device sync on a GPU (Lightning issue #21232). The TQDM bar shows it when it redraws (callbacks.StepLossBar).
@@ -114,6 +125,17 @@ class MNISTClassifier(L.LightningModule):
             if self._lr_changes_every_step:
                 self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    # Lightning reads training_step's signature with inspect.getfullargspec on every step, to decide whether to pass
+    # batch_idx: ~10 us of a step on CPU (timed). inspect returns a function's __signature__ before building one.
+    training_step.__signature__ = inspect.signature(training_step)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Lightning calls this hook on every optimizer step, and its default checks the clipping settings each time
+        # (~6 us on CPU, timed) before the precision plugin returns for a value of None or 0: without clipping, not called.
+        if gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     @property
     def _lr_changes_every_step(self) -> bool:
@@ -135,8 +157,8 @@ class MNISTClassifier(L.LightningModule):
         self._val_sums = RunningSums.zeros(self.device)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss, preds, labels = self._eval_step(batch)
-        self._val_sums.add(loss, (preds == labels).sum(), labels.size(0))
+        images, one_hot = batch
+        self._val_sums.add(self(images), one_hot)
 
     def on_validation_epoch_end(self) -> None:
         loss, acc = self._epoch_means(self._val_sums)
@@ -153,7 +175,9 @@ class MNISTClassifier(L.LightningModule):
         return loss_sum / samples, correct / samples
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        loss, preds, labels = self._eval_step(batch)
+        images, one_hot = batch
+        logits = self(images)
+        loss, preds, labels = batch_loss(logits, one_hot), logits.argmax(dim=1), one_hot.argmax(dim=1)
         self.test_acc(preds, labels)
         self.log("test/loss", loss, on_epoch=True, sync_dist=True)
         self.log("test/acc", self.test_acc, on_epoch=True)
