@@ -177,3 +177,13 @@ def test_unreadable_files_are_reported_with_the_directory(writable_mnist, monkey
     monkeypatch.setattr(MNIST, "_load_data", denied)
     with pytest.raises(UserError, match=r"cannot read the MNIST files in .*MNIST/raw: Permission denied"):
         make_datamodule(writable_mnist)
+
+
+def test_a_batch_already_on_the_training_device_is_not_moved_and_others_are():
+    """MNISTDataModule.transfer_batch_to_device hands a resident batch back as it is (Lightning's default would walk it
+    and call .to() on each tensor every step), and moves one that is elsewhere as Lightning does."""
+    datamodule = MNISTDataModule()
+    batch = (torch.zeros(2, 1, 28, 28), torch.zeros(2, 10))
+    assert datamodule.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+    moved = datamodule.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert [tensor.device.type for tensor in moved] == ["meta", "meta"]

@@ -169,6 +169,13 @@ class MNISTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> TensorBatchLoader:
         return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
 
+    def transfer_batch_to_device(self, batch: tuple[Tensor, Tensor], device: torch.device, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        # Resident on the training device already (data.on_device), a batch has nothing to move: Lightning's default
+        # walks it with apply_to_collection and calls .to() on each tensor, every step.
+        if batch[0].device == device and batch[1].device == device:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> TensorBatchLoader:
         images, targets = self.splits[split]
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
