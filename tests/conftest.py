@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import DictConfig, open_dict
@@ -169,3 +170,26 @@ def tensorboard_events(run_dir: Path) -> EventAccumulator:
 def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of each event of one scalar in a run's TensorBoard directory, read with TensorBoard's own reader."""
     return [(event.step, event.value) for event in tensorboard_events(run_dir).Scalars(tag)]
+
+
+class TinyRegression(L.LightningModule):
+    """A one-layer LightningModule for tests of Lightning's own behaviour, away from MNIST."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_tiny(tmp_path: Path, model: L.LightningModule, callbacks: list[L.Callback], batches: int = 3) -> None:
+    """One epoch of `batches` random batches of 4, nothing written but what the callbacks write."""
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4 * batches, 4)), batch_size=4)
+    checkpointing = any(isinstance(callback, L.pytorch.callbacks.ModelCheckpoint) for callback in callbacks)
+    trainer = L.Trainer(max_epochs=1, callbacks=callbacks, default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=checkpointing, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, train_dataloaders=data)

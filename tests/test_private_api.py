@@ -3,12 +3,15 @@ the template relies on. When an upgrade breaks one of these tests, fix `private_
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import lightning as L
+import pytest
 import torch
-from conftest import tensorboard_scalars
+from conftest import TinyRegression, fit_tiny, tensorboard_scalars
 
 from mnist_precision.build import build_run
-from mnist_precision.private_api import TRAINING_STEP_HOOKS, found_inf, should_log_this_step, skip_inherited_step_hooks
+from mnist_precision.private_api import TRAINING_STEP_HOOKS, found_inf, saves_within_epochs, should_log_this_step, skip_inherited_step_hooks
 
 
 class RecordLoggingSteps(L.Callback):
@@ -65,24 +68,10 @@ class CountsTrainingSteps(L.Callback):
 
 
 @counting_step_hooks
-class TinyModule(L.LightningModule):
+class TinyModule(TinyRegression):
     def __init__(self) -> None:
         super().__init__()
-        self.layer = torch.nn.Linear(4, 1)
         self.calls = dict.fromkeys(TRAINING_STEP_HOOKS, 0)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def fit_tiny(tmp_path, model: L.LightningModule, callbacks: list[L.Callback]) -> None:
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 4)), batch_size=4)
-    trainer = L.Trainer(max_epochs=1, callbacks=callbacks, default_root_dir=tmp_path, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, train_dataloaders=data)
 
 
 def test_lightning_skips_a_hook_that_is_none(tmp_path):
@@ -119,3 +108,16 @@ def test_skip_inherited_step_hooks_leaves_every_hook_that_does_something(tmp_pat
     assert callable(plain.on_train_epoch_end) and callable(plain.on_validation_batch_end)  # per-epoch, validation: kept
     assert callable(model.on_train_batch_end)
     assert all(getattr(model, name) is None for name in TRAINING_STEP_HOOKS if name != "on_train_batch_end")
+
+
+@pytest.mark.parametrize("settings, saves", [
+    ({}, False), ({"every_n_train_steps": 0}, False), ({"every_n_train_steps": 2}, True), ({"train_time_interval": timedelta(0)}, True),
+])
+def test_saves_within_epochs_is_whether_lightnings_checkpoint_saves_from_its_batch_end_hook(tmp_path, settings, saves):
+    """With epoch saves off (every_n_epochs=0), Lightning's ModelCheckpoint writes a file only from on_train_batch_end:
+    it does for the settings saves_within_epochs names, and never for the others (which the template's ModelCheckpoint
+    then does not call)."""
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=0, save_top_k=-1, **settings)
+    assert saves_within_epochs(checkpoint) is saves
+    fit_tiny(tmp_path, TinyModule(), [checkpoint])
+    assert bool(list((tmp_path / "ckpt").glob("*.ckpt"))) is saves

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
 
@@ -20,6 +21,13 @@ def should_log_this_step(trainer: L.Trainer) -> bool:
     on these steps. Lightning's own LearningRateMonitor and ThroughputMonitor read the same property.
     """
     return trainer._logger_connector.should_update_logs
+
+
+def saves_within_epochs(checkpoint: ModelCheckpoint) -> bool:
+    """Whether a ModelCheckpoint saves from its `on_train_batch_end` (`every_n_train_steps` or `train_time_interval`
+    set). Lightning keeps both settings private; without them that hook, called every step, checks the trainer's state
+    and reads the clock to do nothing (3.5 us a step on CPU, timed)."""
+    return bool(checkpoint._every_n_train_steps) or checkpoint._train_time_interval is not None
 
 
 # The hooks of every callback and of the LightningModule that Lightning calls on every training step.
