@@ -187,3 +187,5 @@ def test_a_batch_already_on_the_training_device_is_not_moved_and_others_are():
     assert datamodule.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
     moved = datamodule.transfer_batch_to_device(batch, torch.device("meta"), 0)
     assert [tensor.device.type for tensor in moved] == ["meta", "meta"]
+    as_dict = datamodule.transfer_batch_to_device({"images": batch[0]}, torch.device("meta"), 0)  # a copy's own batches
+    assert as_dict["images"].device.type == "meta"

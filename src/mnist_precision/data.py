@@ -171,8 +171,8 @@ class MNISTDataModule(L.LightningDataModule):
 
     def transfer_batch_to_device(self, batch: tuple[Tensor, Tensor], device: torch.device, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         # Resident on the training device already (data.on_device), a batch has nothing to move: Lightning's default
-        # walks it with apply_to_collection and calls .to() on each tensor, every step.
-        if batch[0].device == device and batch[1].device == device:
+        # walks it with apply_to_collection and calls .to() on each tensor, every step. Any other batch goes that way.
+        if isinstance(batch, tuple) and all(isinstance(part, Tensor) and part.device == device for part in batch):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
