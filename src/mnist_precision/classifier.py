@@ -32,8 +32,8 @@ class RunningSums:
     A batch only keeps references to its detached logits and its targets; every `FOLD_EVERY` batches, and when the sums
     are read, their loss and correct predictions are summed in a few ops over all of them. Per batch that would be six
     small ops (argmax, gather, two sums, two additions): 0.05 M of an MLP step's 11 M instructions on CPU (callgrind),
-    and six kernel launches on a GPU. A plain object, not module attributes or buffers: nn.Module's __setattr__ costs microseconds on
-    every step, and half-precision plugins would cast buffers to float16.
+    and six kernel launches on a GPU. A plain object, not module attributes or buffers: nn.Module's __setattr__ costs
+    microseconds on every step, and half-precision plugins would cast buffers to float16.
     """
 
     FOLD_EVERY: ClassVar[int] = 32  # batches held at most: their logits and targets, 32 x 128 x 10 x 2 floats for the MLP
@@ -132,8 +132,8 @@ class MNISTClassifier(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        # Lightning calls this hook on every optimizer step, and its default checks the clipping settings each time
-        # (7.5 us a step with the hook's dispatch on CPU, timed) before the precision plugin returns for a value of None or 0: without clipping, not called.
+        # Lightning calls this hook on every optimizer step, and its default checks the clipping settings each time (7.5 us
+        # a step with the hook's dispatch on CPU, timed) before the precision plugin returns for a value of None or 0.
         if gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
