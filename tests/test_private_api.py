@@ -119,5 +119,5 @@ def test_saves_within_epochs_is_whether_lightnings_checkpoint_saves_from_its_bat
     then does not call)."""
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=0, save_top_k=-1, **settings)
     assert saves_within_epochs(checkpoint) is saves
-    fit_tiny(tmp_path, TinyModule(), [checkpoint])
+    fit_tiny(tmp_path, TinyRegression(), [checkpoint])
     assert bool(list((tmp_path / "ckpt").glob("*.ckpt"))) is saves

@@ -8,7 +8,7 @@ for an index tensor drawn from a seeded, epoch-aware, DDP-sharded permutation.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import lightning as L
 import torch
@@ -169,7 +169,7 @@ class MNISTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> TensorBatchLoader:
         return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
 
-    def transfer_batch_to_device(self, batch: tuple[Tensor, Tensor], device: torch.device, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Resident on the training device already (data.on_device), a batch has nothing to move: Lightning's default
         # walks it with apply_to_collection and calls .to() on each tensor, every step. Any other batch goes that way.
         if isinstance(batch, tuple) and all(isinstance(part, Tensor) and part.device == device for part in batch):
