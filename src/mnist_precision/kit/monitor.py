@@ -1,0 +1,212 @@
+"""The training monitor: what the machinery tracks on every training step of any module, with no host-device sync
+in a step that does not log (the training loss, the non-finite-loss guard, the loss scale, samples/s, fit time)."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from mnist_precision.kit.errors import TrainingDiverged
+from mnist_precision.kit.private_api import should_log_this_step
+
+
+class TrainingMonitor(L.Callback):
+    """Everything the template tracks per training step, from what `training_step` returns: no task code needed.
+
+    - `train/loss_step` on logging steps (every `trainer.log_every_n_steps`), `train/loss_epoch` after each epoch: the
+      mean, over the epoch's samples and every rank, of the loss `training_step` returned (a step skipped for a
+      non-finite loss left out). The losses stay on their device and are read in one transfer on logging steps.
+    - The non-finite loss guard, on the same reads, at the end of each epoch and before any checkpoint is written,
+      so the first bad step is named exactly and a diverged state is never saved. Without a loss scaler (32,
+      bf16-mixed, 16-true, bf16-true) one non-finite loss stops the run. Under one (16-mixed, 16-master,
+      bf16-master), a non-finite loss makes non-finite gradients, so the step is skipped like any overflow; the run
+      stops only after `patience` of them in a row: one bad batch is not a divergence, but a loss that stays inf or
+      NaN while steps are skipped is.
+    - `precision/loss_scale` and `precision/skipped_steps` (reading them is a sync): on logging steps.
+    - `throughput/samples_per_sec`, once per epoch. (Lightning's ThroughputMonitor synchronises CUDA after
+      every batch, which costs more than a whole step of a small model.)
+    - `fit_seconds`: from the first training step to the end of the last epoch (validation and checkpoints
+      included; start-up, sanity check and test not), timed with CUDA events on a GPU.
+
+    One callback rather than several: Lightning calls each per-step hook a callback overrides through a profiler
+    context, besides the hook's own work.
+    """
+
+    def __init__(self, patience: int = 5) -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
+        self.patience = patience
+        self._losses: list[Tensor] = []  # unchecked losses, on their device
+        self._where: list[tuple[int, int, int, int]] = []  # (global step, epoch, batch, batch size) of each
+        self._step = 0
+        self._streak = 0  # non-finite losses in a row, up to the last check
+        self._first_bad: tuple[float, tuple[int, int, int, int]] = (0.0, (0, 0, 0, 0))  # the streak's first loss and place
+        self._loss_sum = 0.0  # the epoch's checked finite losses, each times its batch size
+        self._loss_samples = 0
+        self._start = 0.0
+        self._samples = 0
+        self._timing = False
+        self.history: list[tuple[int, float]] = []  # (samples, training seconds) per epoch, for mnist-bench
+        self.fit_seconds: float | None = None
+        self._fit_clock: Stopwatch | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        synchronize(pl_module.device)
+        self._loss_sum, self._loss_samples = 0.0, 0
+        self._start, self._samples, self._timing = time.perf_counter(), 0, True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_clock = Stopwatch(pl_module.device)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._fit_clock is not None:
+            self.fit_seconds = self._fit_clock.seconds()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step = trainer.global_step  # the optimizer step this batch belongs to (counted up before batch end)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        size = batch_size(batch)
+        self._samples += size
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._losses.append(loss)  # already detached by Lightning
+            self._where.append((self._step, trainer.current_epoch, batch_idx, size))
+        if should_log_this_step(trainer):
+            self.check_losses(trainer)
+            if loss is not None:
+                pl_module.log("train/loss_step", loss * trainer.accumulate_grad_batches, on_step=True, on_epoch=False)
+            self._log_loss_scale(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_losses(trainer)
+        self._stop_timer(pl_module)
+        totals = torch.tensor([self._loss_sum, float(self._loss_samples)], dtype=torch.float64, device=pl_module.device)
+        loss_sum, samples = trainer.strategy.reduce(totals, reduce_op="sum").tolist()  # one all-reduce an epoch
+        if samples:
+            pl_module.log("train/loss_epoch", loss_sum / samples * trainer.accumulate_grad_batches, prog_bar=True)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_timer(pl_module)  # validation time is not training throughput
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.check_losses(trainer)  # raises before a diverged state is written
+
+    def check_losses(self, trainer: L.Trainer) -> None:
+        """Read the losses since the last check (one transfer): add the finite ones to the epoch's mean, and raise
+        `TrainingDiverged` if the non-finite ones break the rule above."""
+        if not self._losses:
+            return
+        values = torch.stack(self._losses).float().tolist()
+        where, self._losses, self._where = self._where, [], []
+        limit = self.patience if getattr(trainer.precision_plugin, "scaler", None) is not None else 1
+        diverged = False
+        for value, place in zip(values, where, strict=True):
+            if math.isfinite(value):
+                self._streak = 0
+                self._loss_sum += value * place[3]
+                self._loss_samples += place[3]
+                continue
+            if self._streak == 0:
+                self._first_bad = (value, place)
+            self._streak += 1
+            if self._streak >= limit:
+                diverged = True
+                break
+        # Every rank checks at the same steps; all stop together, or under a launcher that does not kill the others
+        # on an exception (torchrun, SLURM) they would wait in the next all-reduce until it times out.
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(diverged, all=False) and not diverged:
+            raise TrainingDiverged(f"the training loss became inf/NaN on another rank (this is rank {trainer.global_rank}).")
+        if diverged:
+            value, (step, epoch, batch, _) = self._first_bad
+            raise TrainingDiverged(divergence_message(trainer, value, (step, epoch, batch), limit))
+
+    def _log_loss_scale(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        plugin = trainer.precision_plugin
+        scaler = getattr(plugin, "scaler", None)
+        if scaler is None:
+            return
+        pl_module.log("precision/loss_scale", scaler.get_scale(), on_step=True, on_epoch=False)
+        if hasattr(plugin, "skipped_steps"):
+            pl_module.log("precision/skipped_steps", float(plugin.skipped_steps), on_step=True, on_epoch=False)
+
+    def _stop_timer(self, pl_module: L.LightningModule) -> None:
+        if not self._timing or self._samples == 0:
+            return
+        synchronize(pl_module.device)
+        self._timing = False
+        elapsed = time.perf_counter() - self._start
+        self.history.append((self._samples, elapsed))
+        world_size = pl_module.trainer.world_size
+        pl_module.log("throughput/samples_per_sec", self._samples * world_size / elapsed, on_epoch=True, rank_zero_only=True)
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in a batch: the first dimension of a tensor, or of the first tensor of a tuple or list
+    (the usual batch); anything else, Lightning's own inference."""
+    if isinstance(batch, Tensor):
+        return batch.size(0)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0].size(0)
+    from lightning.pytorch.utilities.data import extract_batch_size
+
+    return extract_batch_size(batch)
+
+
+def divergence_message(trainer: L.Trainer, loss: float, where: tuple[int, int, int], limit: int) -> str:
+    step, epoch, batch = where
+    precision = trainer.precision
+    message = f"the training loss is {loss} at step {step} (epoch {epoch}, batch {batch}) with precision={precision}"
+    if limit > 1:
+        message += f", and stayed inf/NaN for {limit} steps in a row (each skipped by the loss scaler)"
+    return message + ". " + _divergence_hint(precision)
+
+
+def _divergence_hint(precision: str) -> str:
+    if precision == "16-true":
+        return (
+            "Pure float16 weights and optimizer state underflow (Adam's eps=1e-8 is 0 in float16). "
+            "Use precision=16-master (FP32 master copy with loss scaling), 16-mixed or bf16-mixed."
+        )
+    if precision == "bf16-true":
+        return "Pure bfloat16 training lost precision; use precision=bf16-mixed or bf16-master."
+    return "Lower the learning rate (optimizer.lr=...), add gradient clipping (trainer.gradient_clip_val=1.0), or check the inputs."
+
+
+class Stopwatch:
+    """Seconds since it was made: CUDA events on a GPU (the time the GPU's stream took), else the host's clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start_time = time.perf_counter()
+
+    def seconds(self) -> float:
+        if not self.cuda:
+            return time.perf_counter() - self.start_time
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self.start.elapsed_time(end) / 1000
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a wall-clock reading means what it says (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The run's peak memory: the GPU's allocated tensors on a GPU, else the process's peak resident set (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

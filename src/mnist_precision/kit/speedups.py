@@ -1,0 +1,105 @@
+"""Per-step speedups the builder applies to whatever LightningModule and data module it is given: each removes work
+Lightning does on every training step and changes nothing else (same calls, same results). What each saves:
+docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
+
+from mnist_precision.kit.private_api import skip_inherited_step_hooks
+
+
+class Speedups(L.Callback):
+    """Applies them all in `setup`, when the trainer holds every callback: the configured ones, Lightning's own, those
+    the module adds in `configure_callbacks` and any added after the run was built."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        skip_inherited_step_hooks(trainer.callbacks, pl_module)
+        fast_attributes(pl_module)
+        cache_step_signatures(pl_module)
+        pass_resident_batches_through(trainer.datamodule, pl_module)
+
+
+class FastAttributes:
+    """Sets a string or None on a name the instance already holds as a plain attribute without nn.Module's checks.
+
+    Lightning records the running hook in a plain attribute of the module around each hook call (`_current_fx_name`,
+    dozens of sets a step). nn.Module.__setattr__ first asks whether the value is a Parameter, a Module or a buffer;
+    a str or None assigned to a name already in `__dict__` ends in object.__setattr__ there anyway.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (value is None or type(value) is str) and name in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Pickled (and deep-copied) as the user's own class: the subclass made below exists in this process only.
+        return _rebuild, (type(self).__mro__[2], self.__getstate__())
+
+
+def _rebuild(cls: type, state: dict[str, Any]) -> Any:
+    instance = cls.__new__(cls)
+    instance.__setstate__(state)
+    return instance
+
+
+@functools.cache
+def _with_fast_attributes(cls: type) -> type:
+    return type(cls.__name__, (FastAttributes, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def fast_attributes(model: L.LightningModule) -> None:
+    """Give the module `FastAttributes` by swapping its class for a subclass of it, as torch's
+    `nn.utils.parametrize` injects its own: the user's class itself is untouched."""
+    if not isinstance(model, FastAttributes):
+        model.__class__ = _with_fast_attributes(type(model))
+
+
+def cache_step_signatures(model: L.LightningModule) -> None:
+    """Lightning reads `training_step`'s (and the evaluation steps') signature with `inspect.getfullargspec` on every
+    step, to decide which arguments to pass; inspect returns a function's `__signature__` before building one."""
+    for name in ("training_step", "validation_step", "test_step"):
+        function = getattr(type(model), name, None)
+        if inspect.isfunction(function) and "__signature__" not in vars(function):
+            function.__signature__ = inspect.signature(function)
+
+
+def pass_resident_batches_through(datamodule: L.LightningDataModule, model: L.LightningModule) -> None:
+    """A batch that is a tuple or list of tensors already on the training device (resident data, or any batch on CPU)
+    is returned as it is; Lightning's default `transfer_batch_to_device` walks it with `apply_to_collection` and calls
+    `.to()` on each tensor, every step. Any other batch goes Lightning's way. Set on the data module, which Lightning
+    asks first; a module or data module that overrides the hook keeps its own."""
+    if datamodule is None or is_overridden("transfer_batch_to_device", datamodule) or is_overridden("transfer_batch_to_device", model):
+        return
+    default = datamodule.transfer_batch_to_device
+
+    def transfer_batch_to_device(batch: Any, device: Any, dataloader_idx: int) -> Any:
+        if type(batch) in (tuple, list) and all(isinstance(part, Tensor) and part.device == device for part in batch):
+            return batch
+        return default(batch, device, dataloader_idx)
+
+    datamodule.transfer_batch_to_device = transfer_batch_to_device
+
+
+class NoProfiler(PassThroughProfiler):
+    """What `Trainer(profiler=None)` means, Lightning's PassThroughProfiler, without the cost of doing nothing.
+
+    Lightning wraps every hook call in `profiler.profile(name)`. The default's `profile` is a contextlib generator,
+    built, entered and exited each time, to do nothing; one shared `nullcontext` does the same nothing.
+    """
+
+    _NOTHING = nullcontext()
+
+    def profile(self, action_name: str) -> AbstractContextManager:
+        return self._NOTHING

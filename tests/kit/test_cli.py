@@ -1,0 +1,383 @@
+"""The command-line entry points: run dirs, resume, eval, multirun, DDP on CPU, --help, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from support import files_under, tensorboard_events, tensorboard_scalars
+
+from mnist_precision.cli import eval as eval_cli
+from mnist_precision.cli import train as train_cli
+from mnist_precision.kit.runs import merge_overrides, quote_values
+
+
+def only_run_dir(log_dir: Path, kind: str = "train") -> Path:
+    runs = sorted((log_dir / kind).iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def sweep_jobs(sweep: Path) -> list[Path]:
+    """A sweep's job directories (`0_<overrides>`, `1_<overrides>`, ...), in job order."""
+    return sorted((path for path in sweep.iterdir() if path.is_dir() and path.name[0].isdigit()), key=lambda path: int(path.name.split("_")[0]))
+
+
+def event_files(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    return [step for step, _ in tensorboard_scalars(run_dir, tag)]
+
+
+def test_train_writes_a_run_dir_then_eval_tests_it_with_the_run_config(run_main, tmp_path):
+    result = run_main(train_cli.main, "model=cnn", "trainer.max_epochs=2", "precision=bf16-mixed")
+    assert result.code == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "logs")
+    assert f"run dir: {run_dir}" in result.stdout and "test/acc=" in result.stdout
+    assert (run_dir / ".hydra/config.yaml").is_file() and (run_dir / "checkpoints/last.ckpt").is_file()
+    assert event_files(run_dir)
+
+    tags = tensorboard_events(run_dir).Tags()
+    for tag in ["train/loss_step", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", "lr", "throughput/samples_per_sec"]:
+        assert tag in tags["scalars"], tag
+    assert "test/predictions" in tags["images"] and "test/confusion_matrix" in tags["images"]
+
+    train_acc = float(result.stdout.split("test/acc=")[1].split()[0])
+    best = next((run_dir / "checkpoints").glob("best_*.ckpt"))
+    evaluated = run_main(eval_cli.main, f"ckpt_path={best}", fast=False)
+    assert evaluated.code == 0, evaluated.stderr
+    assert f"test/acc={train_acc:.4f}" in evaluated.stdout  # same model, same precision, same data: same accuracy
+    eval_dir = only_run_dir(tmp_path / "logs", "eval")
+    eval_overrides = yaml.safe_load((eval_dir / ".hydra/overrides.yaml").read_text())
+    assert "model=cnn" in eval_overrides and "precision=bf16-mixed" in eval_overrides
+
+
+@pytest.mark.slow  # about 18 s: two mnist-train processes
+def test_resume_latest_continues_the_same_run_dir_and_event_stream(run_cli, tmp_path):
+    first = run_cli("train", "trainer.max_epochs=2")
+    assert first.code == 0, first.stderr
+    run_dir = only_run_dir(tmp_path / "logs")
+    second = run_cli("train", "resume=latest", "trainer.max_epochs=4")
+    assert second.code == 0, second.stderr
+    assert only_run_dir(tmp_path / "logs") == run_dir and f"run dir: {run_dir}" in second.stdout
+    assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4 * 8
+    assert scalar_steps(run_dir, "val/acc") == sorted(set(scalar_steps(run_dir, "val/acc")))  # curves continue, no overlap
+    assert len(scalar_steps(run_dir, "val/acc")) == 4
+    saved = yaml.safe_load((run_dir / ".hydra/overrides.yaml").read_text())
+    assert "trainer.max_epochs=4" in saved and "trainer.max_epochs=2" not in saved
+
+
+def test_ckpt_path_starts_a_new_run_from_a_checkpoint(run_main, tmp_path):
+    assert run_main(train_cli.main, "trainer.max_epochs=1").code == 0
+    source = only_run_dir(tmp_path / "logs")
+    shutil.copytree(source, tmp_path / "source")  # the second run gets a new timestamped dir
+    shutil.rmtree(source)
+    result = run_main(train_cli.main, f"ckpt_path={tmp_path / 'source/checkpoints/last.ckpt'}", "trainer.max_epochs=2")
+    assert result.code == 0, result.stderr
+    new_run = only_run_dir(tmp_path / "logs")
+    assert torch.load(new_run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2 * 8
+
+
+def test_multirun_sweeps_precision_and_model(run_main, tmp_path):
+    result = run_main(train_cli.main, "-m", "precision=32,bf16-mixed", "model=mlp,cnn", "trainer.max_epochs=1")
+    assert result.code == 0, result.stderr
+    sweep = only_run_dir(tmp_path / "logs", "multirun")
+    jobs = sweep_jobs(sweep)
+    overrides = [yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) for job in jobs]
+    # Each job's directory, and so its TensorBoard run name, says what its overrides are (sorted, then cut at 80).
+    named = [sorted(o.replace("'", "") for o in job if not o.startswith("paths.log_dir=")) for job in overrides]  # paths excluded
+    assert [job.name for job in jobs] == [f"{n}_" + ",".join(job)[:80] for n, job in enumerate(named)]
+    combos = {tuple(o for o in job if o.startswith(("precision=", "model="))) for job in overrides}
+    assert combos == {(f"precision={p}", f"model={m}") for p in ("'32'", "bf16-mixed") for m in ("mlp", "cnn")}
+    assert all((job / "tensorboard").is_dir() for job in jobs)
+
+
+@pytest.mark.slow  # about 16 s: two DDP processes
+def test_ddp_on_cpu_with_two_processes(run_cli, tmp_path):
+    result = run_cli("train", "trainer=ddp_cpu", "trainer.max_epochs=1", timeout=400, env={"PYTHONWARNINGS": ""})  # warnings on, as a user has them
+    assert result.code == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path / "logs")
+    checkpoint = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4  # 512 training images / 2 ranks / 64 per batch
+    assert result.stdout.count("test/acc=") == 1  # rank 0 alone reports
+    assert (run_dir / "train_rank_1.log").is_file()  # rank 1 worked in the run's own directory
+    assert "It is recommended to use `self.log(" not in result.stdout + result.stderr  # values logged already reduced
+
+
+@pytest.mark.slow  # about 15 s: two jobs, each on two processes
+def test_a_sweep_over_ddp_makes_one_sweep_dir_and_each_job_runs_once_on_both_ranks(run_cli, tmp_path):
+    result = run_cli("train", "-m", "trainer=ddp_cpu", "trainer.max_epochs=1", "precision=32,bf16-mixed", timeout=400)
+    assert result.code == 0, result.stderr[-3000:]
+    sweeps = list((tmp_path / "logs/multirun").iterdir())
+    assert len(sweeps) == 1 and not (tmp_path / "logs/train").exists()
+    jobs = sweep_jobs(sweeps[0])
+    assert len(jobs) == 2
+    for job, precision in zip(jobs, ["32", "bf16-mixed"], strict=True):
+        assert "test/acc" in json.loads((job / "metrics.json").read_text())
+        rank_1 = (job / "train_rank_1.log").read_text()  # rank 1 ran this job, in this job's directory
+        job_line = rank_1.splitlines()[0].split()
+        assert "rank 1 of the job" in rank_1 and {f"precision={precision}", f"precision='{precision}'"} & set(job_line)
+        assert torch.load(job / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    assert result.stdout.count("test/acc=") == 2 and result.stdout.count("sweep of 2 job(s)") == 1
+
+
+def test_help_lists_every_config_group_and_its_options(run_main):
+    result = run_main(train_cli.main, "--help", fast=False)
+    assert result.code == 0
+    for group, options in {
+        "data": ["mnist"], "model": ["mlp", "cnn", "convnet"], "optimizer": ["adam", "adamw", "sgd"],
+        "scheduler": ["none", "step", "exponential", "cosine", "onecycle"],
+        "precision": ["32", "16-mixed", "bf16-mixed", "16-true", "bf16-true"],
+        "trainer": ["cpu", "gpu", "ddp", "ddp_cpu"], "callbacks": ["default"], "logger": ["tensorboard", "none"],
+        "experiment": ["flux_mlp", "paper_cnn", "convnet"], "debug": ["fdr", "overfit", "limit"],
+    }.items():
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"{group}:"))
+        assert all(option in line for option in options), line
+
+
+def test_override_merging_and_precision_quoting():
+    assert merge_overrides(["model=cnn", "trainer.max_epochs=5", "resume=/old"], ["trainer.max_epochs=10"]) == [
+        "model=cnn", "trainer.max_epochs=10"]
+    assert quote_values(["precision=32,bf16-mixed", "seed=32"]) == ["precision='32',bf16-mixed", "seed=32"]
+
+
+# --- bad inputs: one clear message, non-zero exit, nothing written -------------------------------------------------
+
+BAD_TRAIN_INPUTS = {
+    "unknown option": (["trainer.nonsense=1"], "Could not override 'trainer.nonsense'"),
+    "unknown group option": (["model=resnet"], "Could not find 'model/resnet'"),
+    "wrong type": (["trainer.max_epochs=abc"], "trainer.max_epochs must be an integer, got 'abc'"),
+    "batch size zero": (["data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
+    "negative lr": (["optimizer.lr=-0.1"], "optimizer.lr must be > 0, got -0.1"),
+    "val split too large": (["data.val_size=640"], "data.val_size=640 must be between 1 and 639"),
+    "unknown device": (["trainer.accelerator=tpu9"], "trainer.accelerator='tpu9' is not one of"),
+    "unknown matmul precision": (["matmul_precision=fast"], "matmul_precision must be highest, high or medium, got 'fast'"),
+    "bad on_device": (["data.on_device=maybe"], "data.on_device must be one of auto, true, false, got 'maybe'"),
+    "gpu without gpu": (["trainer=gpu"], "torch sees no CUDA GPU here"),
+    "too many devices": (["trainer=ddp_cpu", "trainer.devices=64"], "trainer.devices=64 but this machine has"),
+    "zero nodes": (["trainer.num_nodes=0"], "trainer.num_nodes must be a positive integer, got 0"),
+    "nodes without a cluster": (["trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2"],
+                                "trainer.num_nodes=2 but this process is not one of several nodes: run it under SLURM"),
+    "a launcher for a single run": (["hydra/launcher=submitit_local"], "hydra/launcher=submitit_local launches the jobs of a sweep, "
+                                    "and this is a single run: add -m"),
+    "resume missing dir": (["resume=/nonexistent/run"], "resume=/nonexistent/run: /nonexistent/run is not a directory"),
+    "resume and ckpt_path": (["resume=latest", "ckpt_path=x.ckpt"], "not both"),
+    "resume in a sweep": (["-m", "resume=latest"], "cannot be combined with -m/--multirun"),
+    "missing ckpt_path": (["ckpt_path=/nonexistent.ckpt"], "/nonexistent.ckpt does not exist"),
+    "guard patience zero": (["callbacks.training_monitor.patience=0"], "callbacks.training_monitor.patience must be >= 1, got 0"),
+    "negative kept epochs": (["callbacks.last_checkpoint.keep_every_n_epochs=-1"], "keep_every_n_epochs must be >= 0, got -1"),
+    "a group set to null": (["callbacks=null"], "callbacks=null: a config group takes an option, not null; use callbacks=none"),
+    "trainer.precision": (["+trainer.precision=16-mixed"], "trainer.precision is not read here: precision is its own config group. "
+                          "Use precision=16-mixed"),
+    "unknown model argument": (["+model.compile=true"], "model: mlp() got an unexpected keyword argument 'compile'"),
+    "unknown trainer argument": (["+trainer.nonsense=3"], "trainer: Trainer.__init__() got an unexpected keyword argument 'nonsense'"),
+    "zero-width layer": (["model.hidden=0"], "model.hidden must be >= 1, got 0"),
+    "zero-width layer the schema cannot see": (["model=speedrun_cnn", "model.channels=[0,32]"],
+                                              "model: layers with no weights cannot train: 0.weight (0, 1, 5, 5)"),
+    "a value of the wrong type": (["data.normalize=maybe"], "Value 'maybe' is not a valid bool"),
+    "a key the schema does not have": (["data.nonsense=1"], "Key 'nonsense' not in 'DataConfig'"),
+    "an optimizer argument torch refuses": (["+optimizer.betas=[1.5,0.9]"], "optimizer: Invalid beta parameter at index 0: 1.5"),
+    "a scheduler that divides by zero": (["scheduler=step", "scheduler.lr_scheduler.step_size=0"],
+                                         "scheduler.lr_scheduler: ZeroDivisionError: integer modulo by zero"),
+    "a learning rate that drops to 0": (["scheduler=exponential", "scheduler.lr_scheduler.gamma=0"],
+                                        "the learning rate would be 0.0 after the first scheduler step"),
+    "a learning rate of 0 from the start": (["scheduler=onecycle", "scheduler.lr_scheduler.max_lr=0"],
+                                            "the learning rate of the first step would be 0.0"),
+    "a log dir nothing can be written to": (["paths.log_dir=/proc/no_such_dir"], "paths.log_dir=/proc/no_such_dir: runs cannot be written there"),
+    "a non-boolean for a Trainer flag": (["trainer.enable_progress_bar=maybe"], "trainer.enable_progress_bar must be null or true or false, got 'maybe'"),
+    "a wrong type for an optimizer argument": (["+optimizer.amsgrad=maybe"], "optimizer.amsgrad must be true or false, got 'maybe'"),
+    "a wrong type for a callback argument": (["callbacks.progress_bar.refresh_rate=abc"], "callbacks.progress_bar.refresh_rate must be an integer, got 'abc'"),
+    "zero gradient accumulation": (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be >= 1, got 0"),
+    "a negative logging interval": (["trainer.log_every_n_steps=-3"], "trainer.log_every_n_steps must be >= 0, got -3"),
+    "a choice the schema does not offer": (["scheduler.interval=daily"], "scheduler.interval must be one of epoch, step, got 'daily'"),
+    "checkpointing off beside the checkpoint callbacks": (["trainer.enable_checkpointing=false"],
+                                                          "trainer: Trainer was configured with `enable_checkpointing=False` but found `ModelCheckpoint`"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN_INPUTS, ids=list(BAD_TRAIN_INPUTS))
+def test_bad_training_input_gets_one_clear_message(run_main, tmp_path, case):
+    if case == "gpu without gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args, message = BAD_TRAIN_INPUTS[case]
+    result = run_main(train_cli.main, *args)
+    assert result.code != 0
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "logs").glob("train/*"))  # a refused run leaves no directory behind
+
+
+@pytest.mark.parametrize("refused", ["data.batch_size=0", "trainer.enable_checkpointing=false"])
+def test_a_refused_run_in_a_directory_of_the_users_removes_only_what_it_wrote(run_main, tmp_path, refused):
+    """hydra.run.dir may name an existing directory: a refused input took all of it away, the user's files too."""
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes/keep.txt").write_text("precious")
+    (mine / "data.csv").write_text("1,2")
+    result = run_main(train_cli.main, f"hydra.run.dir={mine}", refused)
+    assert result.code == 1 and "Traceback" not in result.stderr
+    assert (mine / "notes/keep.txt").read_text() == "precious" and (mine / "data.csv").read_text() == "1,2"
+    assert {entry.name for entry in mine.iterdir()} <= {"notes", "data.csv", ".hydra", "train.log"}  # Hydra's files stay
+
+
+@pytest.mark.parametrize("option", ["callbacks=none", "~callbacks", "~callbacks.progress_bar", "logger=none"])
+def test_callbacks_and_loggers_can_be_switched_off(run_main, tmp_path, option):
+    result = run_main(train_cli.main, option, "trainer.max_epochs=1", "trainer.enable_progress_bar=true")
+    assert result.code == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "logs")
+    assert (run_dir / "checkpoints").exists() == (option in ("~callbacks.progress_bar", "logger=none"))
+    assert (run_dir / "tensorboard").exists() == (option != "logger=none")
+    assert ("epoch 1/1" in result.stdout) == (option == "logger=none")  # the progress lines are a callback too
+
+
+def test_without_our_callbacks_and_logger_lightnings_own_checkpoint_stays_in_the_run_dir(run_main, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # Lightning's default root is the working directory
+    result = run_main(train_cli.main, "callbacks=none", "logger=none", "trainer.max_epochs=1")
+    assert result.code == 0, result.stderr
+    assert list((only_run_dir(tmp_path / "logs") / "checkpoints").glob("epoch=0-step=*.ckpt"))  # Lightning's ModelCheckpoint
+    assert not list(elsewhere.iterdir())
+    result = run_main(train_cli.main, "callbacks=none", "logger=none", "trainer.max_epochs=1", "trainer.enable_checkpointing=false")
+    assert result.code == 0, result.stderr
+    assert not list(elsewhere.iterdir())
+
+
+def test_a_run_in_use_by_another_process_is_refused_until_that_process_ends(run_main, tmp_path):
+    assert run_main(train_cli.main, "trainer.max_epochs=1").code == 0
+    run_dir = only_run_dir(tmp_path / "logs")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); f.write('4242'); f.flush(); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(run_dir / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = (run_dir / ".hydra/overrides.yaml").read_text()
+        refused = run_main(train_cli.main, f"resume={run_dir}", "trainer.max_epochs=2")
+        assert refused.code == 1 and f"{run_dir} is in use by another process (pid 4242)" in refused.stderr
+        assert (run_dir / ".hydra/overrides.yaml").read_text() == before  # refused before Hydra rewrote the run's files
+    finally:
+        holder.kill()  # the kernel releases its lock, as for a crashed run
+        holder.wait()
+    assert run_main(train_cli.main, f"resume={run_dir}", "trainer.max_epochs=2").code == 0
+
+
+def test_resume_latest_with_no_runs_says_so(run_main, tmp_path):
+    result = run_main(train_cli.main, "resume=latest")
+    assert result.code == 1 and f"no run under {tmp_path / 'logs'} has a checkpoints/last.ckpt" in result.stderr
+
+
+def test_resume_of_a_directory_that_is_not_a_run(run_main, tmp_path):
+    (tmp_path / "plain").mkdir()
+    result = run_main(train_cli.main, f"resume={tmp_path / 'plain'}")
+    assert result.code == 1 and "is not a training run directory" in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "missing"])
+def test_resume_from_a_damaged_checkpoint_is_refused_and_nothing_is_overwritten(run_main, tmp_path, damage):
+    assert run_main(train_cli.main, "trainer.max_epochs=1").code == 0
+    run_dir = only_run_dir(tmp_path / "logs")
+    last = run_dir / "checkpoints/last.ckpt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    elif damage == "not a checkpoint":
+        torch.save({"weights": torch.zeros(2)}, last)
+    else:
+        last.unlink()
+    before = files_under(run_dir)
+    result = run_main(train_cli.main, f"resume={run_dir}", "trainer.max_epochs=2")
+    assert result.code == 1 and "resume=" in result.stderr and str(run_dir) in result.stderr, result.stderr
+    assert files_under(run_dir) == before
+
+
+def test_non_finite_loss_exits_non_zero_with_the_step_precision_and_fix(run_main):
+    result = run_main(train_cli.main, "precision=16-true", "optimizer.lr=1e-4", "trainer.max_epochs=1")
+    assert result.code == 1
+    assert "error: the training loss is nan at step" in result.stderr and "precision=16-true" in result.stderr
+    assert "16-master" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_files_exit_with_the_expected_files(run_main, tmp_path):
+    result = run_main(train_cli.main, f"data.data_dir={tmp_path / 'empty'}", "data.download=false")
+    assert result.code == 1 and "train-images-idx3-ubyte" in result.stderr and "MNIST_ROOT=" in result.stderr
+
+
+def test_eval_without_ckpt_path_says_how_to_call_it(run_main):
+    result = run_main(eval_cli.main, fast=False)
+    assert result.code == 1 and "mnist-eval needs a checkpoint: mnist-eval ckpt_path=" in result.stderr
+
+
+def test_eval_of_a_truncated_checkpoint_is_refused(run_main, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x80\x02not really")
+    result = run_main(eval_cli.main, f"ckpt_path={bad}", fast=False)
+    assert result.code == 1 and "is not a readable checkpoint" in result.stderr
+
+
+def test_a_failing_sweep_job_is_reported_and_the_sweep_goes_on(run_main, tmp_path):
+    result = run_main(train_cli.main, "-m", "precision=16-true,32", "optimizer.lr=1e-4", "trainer.max_epochs=1")
+    assert result.code == 1 and "1 job(s) of the sweep failed" in result.stderr
+    sweep = only_run_dir(tmp_path / "logs", "multirun")
+    failed, trained = sweep_jobs(sweep)
+    assert "precision=16-true" in json.loads((failed / "metrics.json").read_text())["error"]
+    assert 0 <= json.loads((trained / "metrics.json").read_text())["test/acc"] <= 1
+
+
+def test_data_dir_that_is_a_file_is_refused(run_main, tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    result = run_main(train_cli.main, f"data.data_dir={tmp_path / 'a_file'}")
+    assert result.code == 1 and "is not a directory (it should hold MNIST/raw/)" in result.stderr
+
+
+@pytest.mark.parametrize("entry", ["train", "eval"])
+def test_a_checkpoint_from_a_different_model_is_named_as_such(run_main, tmp_path, entry):
+    assert run_main(train_cli.main, "model=mlp", "trainer.max_epochs=1").code == 0
+    ckpt = only_run_dir(tmp_path / "logs") / "checkpoints/last.ckpt"
+    main = train_cli.main if entry == "train" else eval_cli.main
+    result = run_main(main, f"ckpt_path={ckpt}", "model=cnn", fast=entry == "train")
+    assert result.code == 1 and "was written for a different model than the one configured" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_sweep_over_seeds_ends_with_mean_and_spread_of_accuracy_and_fit_time(run_main, tmp_path):
+    result = run_main(train_cli.main, "-m", "seed=0,1", "trainer.max_epochs=1")
+    assert result.code == 0, result.stderr
+    sweep = only_run_dir(tmp_path / "logs", "multirun")
+    jobs = [json.loads((job / "metrics.json").read_text()) for job in sweep_jobs(sweep)]
+    assert all(job["time/fit_seconds"] > 0 for job in jobs)
+    accuracies = [job["test/acc"] for job in jobs]
+    mean = sum(accuracies) / 2
+    summary = next(line for line in result.stdout.splitlines() if line.startswith("sweep of 2 job(s): "))
+    assert f"test/acc {mean:.4f} ± " in summary and "time/fit_seconds " in summary, summary
+
+
+def test_a_finished_run_resumed_as_it_was_says_so_and_how_to_train_on(run_main, tmp_path):
+    assert run_main(train_cli.main, "trainer.max_epochs=2").code == 0
+    run_dir = only_run_dir(tmp_path / "logs")
+    again = run_main(train_cli.main, "resume=latest")
+    assert again.code == 1
+    hint = f"mnist-train resume={run_dir} trainer.max_epochs=4"
+    assert again.stderr == f"error: resume={run_dir}: the checkpoint has trained 2 epoch(s), 16 step(s), and trainer.max_epochs=2: " \
+                           f"nothing is left to train. Train on with a larger limit: {hint}\n"
+    # The refusal changed nothing in the run: its metrics, and the overrides Hydra had rewritten before the check.
+    assert "test/acc" in json.loads((run_dir / "metrics.json").read_text())
+    assert "trainer.max_epochs=2" in yaml.safe_load((run_dir / ".hydra/overrides.yaml").read_text())
+    assert run_main(train_cli.main, "resume=latest", "trainer.max_epochs=1").code == 1
+    assert "trainer.max_epochs=2" in yaml.safe_load((run_dir / ".hydra/overrides.yaml").read_text())
+    assert run_main(train_cli.main, *hint.split()[1:]).code == 0  # the command it gives works
+
+
+def test_ckpt_path_past_the_runs_max_epochs_is_one_message_not_lightnings_exception(run_main, tmp_path):
+    assert run_main(train_cli.main, "trainer.max_epochs=3").code == 0
+    last = only_run_dir(tmp_path / "logs") / "checkpoints/last.ckpt"
+    result = run_main(train_cli.main, f"ckpt_path={last}", "trainer.max_epochs=2")
+    assert result.code == 1 and "Misconfiguration" not in result.stderr
+    assert result.stderr.startswith(f"error: ckpt_path={last}: the checkpoint has trained 3 epoch(s), 24 step(s), and trainer.max_epochs=2")
+    assert run_main(train_cli.main, "trainer.max_steps=24", "trainer.max_epochs=-1", f"ckpt_path={last}").code == 1  # max_steps too

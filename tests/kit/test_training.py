@@ -1,0 +1,130 @@
+"""Training through the machinery on the quadrants task: every precision, determinism, optimizers and schedulers, and
+what the training monitor and the learning-rate monitor log for any module."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import pytest
+import torch
+from support import tensorboard_scalars
+
+from mnist_precision.cli.train import train
+from mnist_precision.kit.build import build_run
+
+BUILT_IN_PRECISIONS = ["32", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
+LIMITS = ["trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+
+
+def load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("precision", BUILT_IN_PRECISIONS)
+def test_every_built_in_precision_trains_and_tests_on_cpu(make_config, precision):
+    # SGD: pure float16 Adam diverges by design (conformance); every precision must give finite results here.
+    metrics = train(make_config(f"precision={precision}", "debug=fdr", "optimizer=sgd"))
+    assert 0 <= metrics["test/acc"] <= 1 and torch.isfinite(torch.tensor(metrics["train/loss_epoch"]))
+
+
+def test_16_mixed_on_cpu_really_uses_float16_autocast_and_loss_scaling(make_config):
+    trainer = build_run(make_config("precision=16-mixed")).trainer
+    assert trainer.precision == "16-mixed" and trainer.precision_plugin.scaler is not None
+    with trainer.precision_plugin.forward_context():
+        assert torch.nn.Linear(2, 2)(torch.rand(1, 2)).dtype == torch.float16
+
+
+def test_the_model_learns_the_task_and_the_best_monitored_value_is_reported(make_config):
+    metrics = train(make_config("trainer.max_epochs=3"))
+    assert metrics["test/acc"] > 0.9 and metrics["val/acc_best"] > 0.9
+    assert metrics["val/acc_best"] >= metrics["val/acc"]
+
+
+def test_same_seed_gives_identical_weights(make_config, tmp_path):
+    for name in ("a", "b"):
+        train(make_config("trainer.max_epochs=1", "net=quadrants_cnn", output_dir=tmp_path / name))
+    a, b = load(tmp_path / "a/checkpoints/last.ckpt"), load(tmp_path / "b/checkpoints/last.ckpt")
+    assert all(torch.equal(value, b["state_dict"][key]) for key, value in a["state_dict"].items())
+
+
+def test_test_false_fits_without_testing(make_config):
+    metrics = train(make_config("trainer.max_epochs=1", "test=false"))
+    assert "val/acc" in metrics and not any(name.startswith("test/") for name in metrics)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("scheduler", ["none", "step", "exponential", "cosine"])  # onecycle needs the module's total steps: mnist_task
+def test_optimizer_and_scheduler_groups_build_and_step(make_config, optimizer, scheduler):
+    metrics = train(make_config(f"optimizer={optimizer}", f"scheduler={scheduler}", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                                *LIMITS))
+    name = {"adam": "lr-Adam", "adamw": "lr-AdamW", "sgd": "lr-SGD"}[optimizer]
+    assert metrics[name] > 0
+
+
+def test_the_learning_rate_is_logged_as_the_schedule_sets_it(make_config, tmp_path):
+    """Lightning's LearningRateMonitor: an epoch scheduler's rate at each epoch's start."""
+    train(make_config("scheduler=step", "scheduler.lr_scheduler.step_size=1", "trainer.max_epochs=3", "trainer.limit_train_batches=4", *LIMITS))
+    logged = tensorboard_scalars(tmp_path / "run", "lr-Adam")
+    assert [value for _, value in logged] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+
+
+class RecordLosses(L.Callback):
+    """Each training step's returned loss and batch size, as the module computed them."""
+
+    def __init__(self) -> None:
+        self.losses: list[tuple[float, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append((float(outputs["loss"]), len(batch[0])))
+
+
+def test_the_training_loss_is_logged_per_step_and_as_the_epochs_sample_mean_for_any_module(make_config, tmp_path):
+    """The training monitor logs what training_step returns: train/loss_step on logging steps (every 2 here) and
+    train/loss_epoch, the mean over the epoch's samples (7 batches: 6 of 64 and a last one of 32), read back through
+    TensorBoard's reader. The task's module logs no loss of its own."""
+    record = RecordLosses()
+    run = build_run(make_config("trainer.max_epochs=1", "trainer.log_every_n_steps=2", "+data.train_size=416", *LIMITS))
+    run.trainer.callbacks.append(record)
+    run.fit()
+    assert [size for _, size in record.losses] == [64] * 6 + [32]
+    steps = tensorboard_scalars(tmp_path / "run", "train/loss_step")
+    assert [step for step, _ in steps] == [1, 3, 5]
+    assert [value for _, value in steps] == pytest.approx([record.losses[i][0] for i in (1, 3, 5)])
+    mean = sum(loss * size for loss, size in record.losses) / sum(size for _, size in record.losses)
+    assert tensorboard_scalars(tmp_path / "run", "train/loss_epoch")[0][1] == pytest.approx(mean, rel=1e-6)
+
+
+def test_gradients_are_clipped_when_asked(make_config, monkeypatch):
+    from lightning.pytorch.plugins.precision import Precision
+
+    calls = []
+    original = Precision.clip_gradients
+
+    def recording(self, optimizer, clip_val=0.0, gradient_clip_algorithm=None):
+        if clip_val:
+            calls.append((clip_val, str(gradient_clip_algorithm)))
+        return original(self, optimizer, clip_val, gradient_clip_algorithm)
+
+    monkeypatch.setattr(Precision, "clip_gradients", recording)
+    limits = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1"]
+    build_run(make_config(*limits)).fit()
+    assert calls == []
+    build_run(make_config(*limits, "trainer.gradient_clip_val=0.5", "+trainer.gradient_clip_algorithm=value")).fit()
+    assert calls == [(0.5, "GradClipAlgorithmType.VALUE")] * 3
+
+
+def test_debug_overfit_trains_on_the_same_batches_until_the_loss_is_near_zero(make_config):
+    run = build_run(make_config("debug=overfit", "trainer.max_epochs=40", "data.loader=plain", "optimizer.lr=0.01"))
+    run.fit()
+    assert float(run.trainer.callback_metrics["train/loss_epoch"]) < 0.05
+
+
+def test_without_a_gpu_torchs_per_step_nvml_probe_is_switched_off(make_config, monkeypatch):
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # what importing Lightning sets
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a GPU machine: left as it is
+    build_run(make_config())
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # no GPU: every Adam step would probe NVML
+    build_run(make_config())
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "0"

@@ -1,0 +1,147 @@
+"""What the tests share: the tasks they run on, config composition, CLI results, checkpoint comparison, TensorBoard's
+reader (the fixtures are in conftest.py).
+
+The machinery's tests (kit/, tools/, conformance/) run on `quadrants/`, a second task written the way a user would write
+theirs; the conformance suite also runs on the task the config names (its test data: mnist_task/harness.py). A user who
+replaces the task replaces mnist_task/ and nothing else here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, open_dict
+
+if TYPE_CHECKING:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mnist_precision.kit.build import compose_training_config
+
+TESTS = Path(__file__).resolve().parent
+QUADRANTS_CONF = TESTS / "quadrants" / "conf"
+QUIET = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task the tests run: the overrides that select it and give it a few batches of test data, and the environment
+    its commands need."""
+
+    name: str
+    overrides: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def quadrants(loader: str = "plain", net: str = "quadrants_mlp") -> Task:
+    """The second task: 8 training batches of 64 (512 images), 2 validation and 2 test batches, in memory."""
+    selected = (f"hydra.searchpath=[file://{QUADRANTS_CONF}]", "data=quadrants", f"net={net}", "model=quadrants", f"data.loader={loader}")
+    return Task(f"quadrants ({loader} loader)", selected, {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])})
+
+
+def task_command(task: Task, log_dir: Path, *args: str, command: str = "train", runner: list[str] | None = None) -> list[str]:
+    """`python -m mnist_precision.cli.<command>` on `task`, quiet, writing under `log_dir` (flags first, as Hydra wants)."""
+    flags = [arg for arg in args if arg.startswith("-")]
+    overrides = [arg for arg in args if not arg.startswith("-")]
+    return [sys.executable, *(runner or []), "-m", f"mnist_precision.cli.{command}", *flags, *task.overrides, *QUIET,
+            f"paths.log_dir={log_dir}", *overrides]
+
+
+def task_env(task: Task, *python_path: Path, **extra: str) -> dict[str, str]:
+    """The environment a task's command runs in: the task's own, warnings off, more directories on PYTHONPATH."""
+    env = {**os.environ, **task.env, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0", **extra}
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, python_path), str(TESTS), env.get("PYTHONPATH", "")])
+    return env
+
+
+def compose_config(task: Task, overrides: list[str], output_dir: Path, quiet: bool = True) -> DictConfig:
+    """The training config as `mnist-train` composes it for `task`, writing into `output_dir` (QUIET: on the CPU, no bars)."""
+    cfg = compose_training_config([*task.overrides, *(QUIET if quiet else ["trainer=cpu"]), *overrides], output_dir)
+    with open_dict(cfg):
+        cfg.paths.log_dir = str(output_dir)
+    return cfg
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints hold the same weights, optimizer state and progress, bit for bit."""
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for (ka, va), (kb, vb) in zip(a["optimizer_states"][0]["state"].items(), b["optimizer_states"][0]["state"].items(), strict=True):
+        assert ka == kb
+        for name in va:
+            assert torch.equal(torch.as_tensor(va[name]), torch.as_tensor(vb[name])), (ka, name)
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
+
+
+def straight_and_resumed(make_config, tmp_path: Path, *overrides: str) -> tuple[dict, dict]:
+    """The last checkpoints of 4 uninterrupted epochs and of 2 epochs resumed (resume=) to 4."""
+    from mnist_precision.cli.train import train
+
+    train(make_config(*overrides, "trainer.max_epochs=4", output_dir=tmp_path / "straight"))
+    interrupted = make_config(*overrides, "trainer.max_epochs=2", output_dir=tmp_path / "resumed")
+    train(interrupted)
+    with open_dict(interrupted):
+        interrupted.trainer.max_epochs = 4
+        interrupted.resume = str(tmp_path / "resumed")
+    train(interrupted)
+    straight, resumed = load(tmp_path / "straight/checkpoints/last.ckpt"), load(tmp_path / "resumed/checkpoints/last.ckpt")
+    assert resumed["global_step"] == straight["global_step"] > 0  # the resumed run really trained on
+    return straight, resumed
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def files_under(path: Path) -> dict[str, float]:
+    return {str(p.relative_to(path)): p.stat().st_mtime for p in path.rglob("*") if p.is_file()}
+
+
+def tensorboard_events(run_dir: Path) -> EventAccumulator:
+    """A run's TensorBoard directory as TensorBoard reads it: its own EventAccumulator, loaded."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    return accumulator
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of each event of one scalar in a run's TensorBoard directory, read with TensorBoard's own reader."""
+    return [(event.step, event.value) for event in tensorboard_events(run_dir).Scalars(tag)]
+
+
+class TinyRegression(L.LightningModule):
+    """A one-layer LightningModule for tests of Lightning's own behaviour, away from MNIST."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_tiny(tmp_path: Path, model: L.LightningModule, callbacks: list[L.Callback], batches: int = 3) -> None:
+    """One epoch of `batches` random batches of 4, nothing written but what the callbacks write."""
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4 * batches, 4)), batch_size=4)
+    checkpointing = any(isinstance(callback, L.pytorch.callbacks.ModelCheckpoint) for callback in callbacks)
+    trainer = L.Trainer(max_epochs=1, callbacks=callbacks, default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=checkpointing, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, train_dataloaders=data)
