@@ -68,10 +68,9 @@ def total_instructions(dump: Path) -> int:
 def worker(run: str, tmp: str, overrides: list[str]) -> None:
     import lightning as L
     import torch
-    import torch.nn.functional as F
 
-    from mnist_precision.bench import Bare, correct_predictions, loader
-    from mnist_precision.build import build_run, compose_training_config
+    from mnist_precision.kit.build import build_run, compose_training_config
+    from mnist_precision.tools.bench import first_optimizer, task_parts
 
     def callgrind(*args: str) -> None:  # the running callgrind's own switch, by process id
         subprocess.run(["callgrind_control", *args, str(os.getpid())], check=True, capture_output=True)
@@ -106,34 +105,32 @@ def worker(run: str, tmp: str, overrides: list[str]) -> None:
         built.trainer.callbacks.append(count)
         built.fit()
         return
-    built.datamodule.setup()
-    net = built.model.net
-    batches, _ = loader(cfg, *built.datamodule.splits["train"], shuffle=True, train=True)
-    validation, _ = loader(cfg, *built.datamodule.splits["val"], shuffle=False, train=False)
-    if run == "plain loop":  # as mnist-bench's: train, then the same validation pass
-        optimizer = built.model.optimizer_factory(params=net.parameters())
+    module, datamodule, _ = task_parts(cfg)  # mnist-bench's baselines: the task's own module and data module
+    if run == "plain loop":  # as mnist-bench's: the module's own steps, training then validation
+        optimizer = first_optimizer(module.configure_optimizers())
+        batches, validation = datamodule.train_dataloader(), datamodule.val_dataloader()
         for epoch in range(2):
-            batches.sampler.set_epoch(epoch)
-            net.train()
-            for batch_idx, (images, targets) in enumerate(islice(batches, FIRST + STEPS)):
+            if hasattr(getattr(batches, "sampler", None), "set_epoch"):
+                batches.sampler.set_epoch(epoch)
+            module.train()
+            for batch_idx, batch in enumerate(islice(batches, FIRST + STEPS)):
                 count.on_train_batch_start(None, None, None, batch_idx)
                 if epoch == 1:
                     return
-                loss = F.cross_entropy(net(images), targets)
+                loss = module.training_step(batch, batch_idx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 count.on_train_batch_end(None, None, None, None, batch_idx)
             count.on_train_epoch_end(None, None)
-            net.eval()
+            module.eval()
             with torch.no_grad():
-                correct = sum(correct_predictions(net, batch) for batch in validation)
-            float(correct)
+                for batch_idx, batch in enumerate(validation):
+                    module.validation_step(batch, batch_idx)
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, barebones=True, limit_train_batches=FIRST + STEPS,
-                        use_distributed_sampler=False, callbacks=[count])
-    bare = Bare(net, built.model.optimizer_factory)  # mnist-bench's floor, validating as it does
-    trainer.fit(bare, train_dataloaders=batches, val_dataloaders=validation)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=FIRST + STEPS, callbacks=[count])
+    trainer.fit(module, datamodule=datamodule)  # mnist-bench's floor: Lightning with every feature of its own off
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 to the logger and its flush, each checkpoint (the whole `trainer.save_checkpoint`, and the `torch.save` and
 fsync inside it).
 
-These are the per-call figures README's Performance section quotes. They are medians of one run on a shared
+These are the per-call figures docs/performance.md quotes. They are medians of one run on a shared
 machine: a size, not a comparison (`mnist-bench` with `bench.variants` compares, with paired epochs). Calls per
 epoch count the whole run's calls, the sanity check's validation included, over its epochs.
 
@@ -22,10 +22,10 @@ from typing import Any, Callable
 
 
 def main() -> None:
+    import lightning as L
     import torch
 
-    from mnist_precision.build import build_run, compose_training_config
-    from mnist_precision.classifier import MNISTClassifier
+    from mnist_precision.kit.build import build_run, compose_training_config
 
     seconds: dict[str, list[float]] = defaultdict(list)
 
@@ -42,8 +42,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_training_config(sys.argv[1:], Path(tmp))
         run = build_run(cfg)
-        # The module's own calls and TrainingMonitor's go through MNISTClassifier.log.
-        MNISTClassifier.log = timed(MNISTClassifier.log, lambda module, name, *args, **kwargs: f"self.log('{name}')")
+        # The module's own calls and the callbacks' (the training monitor's) go through LightningModule.log.
+        L.LightningModule.log = timed(L.LightningModule.log, lambda module, name, *args, **kwargs: f"self.log('{name}')")
         for logger in run.trainer.loggers:  # Lightning writes with log_metrics, then flushes with save()
             kind = type(logger).__name__
             logger.log_metrics = timed(logger.log_metrics, lambda *args, kind=kind, **kwargs: f"{kind}.log_metrics")

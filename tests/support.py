@@ -145,3 +145,23 @@ def fit_tiny(tmp_path: Path, model: L.LightningModule, callbacks: list[L.Callbac
     trainer = L.Trainer(max_epochs=1, callbacks=callbacks, default_root_dir=tmp_path, logger=False,
                         enable_checkpointing=checkpointing, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, train_dataloaders=data)
+
+
+def only_run_dir(log_dir: Path, kind: str = "train") -> Path:
+    runs = sorted((log_dir / kind).iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def sweep_jobs(sweep: Path) -> list[Path]:
+    """A sweep's job directories (`0_<overrides>`, `1_<overrides>`, ...), in job order."""
+    return sorted((path for path in sweep.iterdir() if path.is_dir() and path.name[0].isdigit()), key=lambda path: int(path.name.split("_")[0]))
+
+
+def event_files(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    """The steps of each event of one scalar in a run's TensorBoard directory."""
+    return [step for step, _ in tensorboard_scalars(run_dir, tag)]

@@ -17,9 +17,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from support import assert_same_training_state, load, quadrants, straight_and_resumed
 from host_reads import count_host_reads
 from omegaconf import open_dict
+from support import assert_same_training_state, load, quadrants, straight_and_resumed
 
 from mnist_precision.cli.train import train
 from mnist_precision.kit.build import build_run

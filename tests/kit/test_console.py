@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
-from support import tensorboard_scalars
 from lightning.pytorch.callbacks import TQDMProgressBar
-from test_cli import only_run_dir
+from support import TESTS, only_run_dir, tensorboard_scalars
 
 from mnist_precision.cli import train as train_cli
 from mnist_precision.kit.build import build_run
 from mnist_precision.kit.progress import EpochLines, progress_bar
 
-TESTS = str(Path(__file__).parent)
 EPOCH_LINE = r"epoch {n}/{of}  train/loss_epoch \d\.\d{{4}}  train/acc \d\.\d{{4}}  val/loss \d\.\d{{4}}  val/acc \d\.\d{{4}}  \d+\.\d s"
 
 
@@ -47,14 +44,14 @@ def test_off_a_terminal_a_run_prints_one_line_per_epoch_then_a_summary_block_and
 
 def test_a_real_warning_is_shown_on_stderr_and_kept_in_train_log(run_cli, tmp_path):
     result = run_cli("train", "trainer.max_epochs=1", "+callbacks.warn._target_=fault_injection.WarnAtStep", "+callbacks.warn.step=2",
-                     env={"PYTHONWARNINGS": "", "PYTHONPATH": TESTS})
+                     env={"PYTHONWARNINGS": "", "PYTHONPATH": str(TESTS)})
     assert result.code == 0, result.stderr
     assert "UserWarning: an injected warning that matters" in result.stderr
     assert "UserWarning: an injected warning that matters" in (only_run_dir(tmp_path / "logs") / "train.log").read_text()
 
 
 def test_an_unexpected_error_is_one_line_on_the_console_and_its_traceback_is_in_train_log(run_main, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(TESTS)
+    monkeypatch.syspath_prepend(str(TESTS))
     result = run_main(train_cli.main, "trainer.max_epochs=1", "+callbacks.fault._target_=fault_injection.RaiseAtStep", "+callbacks.fault.step=2")
     run_dir = only_run_dir(tmp_path / "logs")
     assert result.code == 1
@@ -65,7 +62,7 @@ def test_an_unexpected_error_is_one_line_on_the_console_and_its_traceback_is_in_
 
 
 def test_a_user_error_is_one_line_on_stderr_and_in_train_log(run_main, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(TESTS)
+    monkeypatch.syspath_prepend(str(TESTS))
     result = run_main(train_cli.main, "trainer.max_epochs=1", "+callbacks.poison._target_=fault_injection.PoisonInputAtSteps",
                       "+callbacks.poison.steps=[2]")
     assert result.code == 1
@@ -83,8 +80,8 @@ def test_the_progress_bar_is_tqdm_on_a_terminal_and_epoch_lines_otherwise(monkey
 
 
 def test_the_tqdm_bar_shows_the_latest_logged_training_loss(make_config, monkeypatch, tmp_path):
-    """The module logs the step loss without prog_bar=True (else Lightning reads it on the host after every step);
-    the bar adds it when it redraws: the value TensorBoard got last."""
+    """The training monitor logs the step loss without prog_bar=True (else Lightning reads it on the host after every
+    step); the bar adds it when it redraws: the value TensorBoard got last."""
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)
     run = build_run(make_config("trainer.enable_progress_bar=true", "trainer.max_epochs=1", "trainer.log_every_n_steps=3"))
     bar = next(callback for callback in run.trainer.callbacks if isinstance(callback, TQDMProgressBar))

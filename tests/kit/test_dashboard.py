@@ -6,9 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from support import tensorboard_events
+from support import only_run_dir, tensorboard_events
 from tensorboard.plugins.hparams import metadata as hparams_metadata
-from test_cli import only_run_dir
 
 from mnist_precision.cli import train as train_cli
 
@@ -28,18 +27,20 @@ def test_hparams_hold_the_knobs_and_final_metrics_of_the_latest_session(run_main
     run_dir = only_run_dir(tmp_path / "logs")
     values, tags, scalars = hparams_of(run_dir)
 
-    assert values["trainer/max_epochs"] == 2  # the resumed session's, not the first one's
-    assert values["precision"] == "bf16-mixed" and values["optimizer/lr"] == 0.002 and values["model"] == "mlp"
-    assert values["data/batch_size"] == 64 and values["scheduler"] == "none" and values["seed"] == 42
+    assert values["trainer.max_epochs"] == 2  # the resumed session's, not the first one's
+    assert values["precision"] == "bf16-mixed" and values["optimizer.lr"] == 0.002 and values["optimizer"] == "Adam"
+    assert values["model"] == "QuadrantsClassifier" and values["net"] == "mlp" and values["net.hidden"] == 32
+    assert values["data.batch_size"] == 64 and values["scheduler.lr_scheduler"] == "None" and values["seed"] == 42
     assert len(values) <= 30 and not [name for name in values if "_target_" in name or "dirpath" in name]
-    assert {"test/acc", "test/loss", "val/acc_best", "throughput/samples_per_sec", "memory/peak_mb", "time/wall_seconds"} <= scalars
+    assert not set(values) & scalars  # no knob shares a column with a metric
+    assert {"test/acc", "val/acc_best", "throughput/samples_per_sec", "memory/peak_mb", "time/wall_seconds"} <= scalars
     # No per-run experiment record: TensorBoard builds the experiment from all the runs' sessions, marks the knobs
     # whose values differ between runs, and shows those first (its table shows five knobs until more are ticked).
     assert hparams_metadata.EXPERIMENT_TAG not in tags
     assert len(list((run_dir / "tensorboard").glob("*.dashboard"))) == 1
 
 
-def test_a_custom_scalars_layout_overlays_train_and_validation_loss(run_main, tmp_path):
+def test_a_custom_scalars_layout_overlays_each_metrics_training_and_validation_values(run_main, tmp_path):
     from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
     assert run_main(train_cli.main, "trainer.max_epochs=1", "precision=16-master").code == 0
@@ -48,7 +49,8 @@ def test_a_custom_scalars_layout_overlays_train_and_validation_loss(run_main, tm
     assert metadata.CONFIG_SUMMARY_TAG in accumulator.Tags()["tensors"]  # what the Custom Scalars tab reads
     layout = layout_pb2.Layout.FromString(accumulator.Tensors(metadata.CONFIG_SUMMARY_TAG)[-1].tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
-    assert charts["loss (train epoch mean, validation)"] == ["train/loss_epoch", "val/loss"]
+    assert charts["loss (training, validation)"] == ["^train/loss_epoch$", "^val/loss$"]
+    assert charts["acc (training, validation)"] == ["^train/acc$", "^val/acc$"]
     scalars = accumulator.Tags()["scalars"]
     for tags in charts.values():  # every chart draws something in a 16-master run
         assert any(re.search(pattern, tag) for pattern in tags for tag in scalars), tags
@@ -81,8 +83,8 @@ def test_logger_mlflow_keeps_one_mlflow_run_in_the_run_dir_that_a_resume_continu
     runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_name == run_dir.name
     run = runs[0]
-    assert run.data.params["precision"] == "bf16-mixed" and run.data.params["model"] == "mlp"
+    assert run.data.params["precision"] == "bf16-mixed" and run.data.params["net"] == "mlp"
     assert not [name for name in run.data.params if "_target_" in name or "dirpath" in name] and len(run.data.params) <= 30
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 3  # both sessions, in one run
-    for name in ("test/acc", "test/loss", "val/acc_best", "throughput/samples_per_sec", "memory/peak_mb", "time/wall_seconds"):
+    for name in ("test/acc", "val/acc_best", "throughput/samples_per_sec", "memory/peak_mb", "time/wall_seconds"):
         assert name in run.data.metrics, name

@@ -10,10 +10,10 @@ import pytest
 import torch
 from support import assert_same_training_state, load, straight_and_resumed, task_command, task_env, tensorboard_scalars
 
+from mnist_precision.cli.train import train
 from mnist_precision.kit.build import build_run
 from mnist_precision.kit.errors import UserError
 from mnist_precision.kit.master_precision import fp32_state_dict
-from mnist_precision.cli.train import train
 
 LIMITED = ["trainer.max_epochs=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 

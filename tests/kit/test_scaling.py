@@ -11,21 +11,18 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from support import FAST
 from hydra import compose, initialize_config_dir
-from test_cli import only_run_dir, scalar_steps, sweep_jobs
+from support import TESTS, Task, only_run_dir, quadrants, scalar_steps, sweep_jobs, task_command
 from test_reliability import assert_same_precision_state
 
 from mnist_precision.cli import train as train_cli
 from mnist_precision.kit.config import CONF_DIR
 from mnist_precision.kit.launch import SLURM_JOB_FILE
 
-TESTS = Path(__file__).parent
 CLUSTER_VARIABLES = ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "RANK", "SLURM_JOB_ID", "SLURM_NTASKS",
                      "SLURM_PROCID", "SLURM_RESTART_COUNT", "SLURM_ARRAY_JOB_ID", "TORCHELASTIC_RUN_ID")
 
@@ -36,17 +33,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(tmp_path: Path, mnist_root: Path, *overrides: str, env: dict[str, str] | None = None, flags: tuple[str, ...] = (),
+@pytest.fixture
+def task() -> Task:
+    """A SLURM requeue resumes mid-epoch: the quadrants task with its stateful loader."""
+    return quadrants("stateful")
+
+
+def launch(tmp_path: Path, task: Task, *overrides: str, env: dict[str, str] | None = None, flags: tuple[str, ...] = (),
            runner: list[str] | None = None) -> subprocess.Popen:
-    """`python -m mnist_precision.train` in the background, outside any cluster unless `env` says otherwise.
+    """`python -m mnist_precision.cli.train` in the background, outside any cluster unless `env` says otherwise.
 
     One thread per process: 1 node x 2 processes and 2 nodes x 1 process must do the same arithmetic, and torch
     picks its thread count from the processes per node (Lightning sets it for the processes it starts).
     """
     clean = {key: value for key, value in os.environ.items() if key not in CLUSTER_VARIABLES}
-    env = {**clean, "MNIST_ROOT": str(mnist_root), "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(TESTS), **(env or {})}
-    argv = [sys.executable, *(runner or []), "-m", "mnist_precision.train", *flags, *FAST, f"paths.log_dir={tmp_path / 'logs'}", *overrides]
+    env = {**clean, **task.env, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), task.env.get("PYTHONPATH", "")]), **(env or {})}
+    argv = task_command(task, tmp_path / "logs", *flags, *overrides, runner=runner)
     (tmp_path / "elsewhere").mkdir(exist_ok=True)
     return subprocess.Popen(argv, cwd=tmp_path / "elsewhere", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -67,14 +70,14 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 @pytest.mark.slow  # about 20 s: three DDP processes
-def test_two_nodes_of_one_process_train_exactly_as_one_node_of_two(tmp_path, mnist_root):
+def test_two_nodes_of_one_process_train_exactly_as_one_node_of_two(tmp_path, task):
     one_node = tmp_path / "one_node"
-    code, _, err = finish(launch(tmp_path, mnist_root, "trainer=ddp_cpu", "trainer.max_epochs=2", f"hydra.run.dir={one_node}"))
+    code, _, err = finish(launch(tmp_path, task, "trainer=ddp_cpu", "trainer.max_epochs=2", f"hydra.run.dir={one_node}"))
     assert code == 0, err[-2000:]
 
     two_nodes = tmp_path / "two_nodes"  # every node is given the run's directory, as a shared filesystem would hold it
     port = str(free_port())
-    nodes = [launch(tmp_path, mnist_root, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2", "trainer.max_epochs=2",
+    nodes = [launch(tmp_path, task, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2", "trainer.max_epochs=2",
                     f"hydra.run.dir={two_nodes}", env={"NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
              for rank in (0, 1)]
     (code_0, out_0, err_0), (code_1, out_1, err_1) = [finish(node) for node in nodes]
@@ -90,9 +93,9 @@ def test_two_nodes_of_one_process_train_exactly_as_one_node_of_two(tmp_path, mni
 
 
 @pytest.mark.slow  # about 10 s
-def test_torchrun_starts_the_ranks_and_they_share_one_run_dir(tmp_path, mnist_root):
+def test_torchrun_starts_the_ranks_and_they_share_one_run_dir(tmp_path, task):
     run = tmp_path / "run"
-    torchrun = launch(tmp_path, mnist_root, "trainer=ddp_cpu", "trainer.max_epochs=1", f"hydra.run.dir={run}",
+    torchrun = launch(tmp_path, task, "trainer=ddp_cpu", "trainer.max_epochs=1", f"hydra.run.dir={run}",
                       runner=["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())])
     code, out, err = finish(torchrun)
     assert code == 0, err[-2000:]
@@ -103,8 +106,8 @@ def test_torchrun_starts_the_ranks_and_they_share_one_run_dir(tmp_path, mnist_ro
 
 
 @pytest.mark.slow  # about 10 s: the wait is cut to 6 s
-def test_a_node_whose_peers_never_come_stops_after_the_timeout_with_one_message(tmp_path, mnist_root):
-    node = launch(tmp_path, mnist_root, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy.timeout.minutes=0.1",
+def test_a_node_whose_peers_never_come_stops_after_the_timeout_with_one_message(tmp_path, task):
+    node = launch(tmp_path, task, "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy.timeout.minutes=0.1",
                   env={"NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     code, _, err = finish(node, timeout=120)
     assert code == 1
@@ -134,24 +137,24 @@ def test_the_slurm_launcher_sizes_the_job_from_the_trainer():
 
 
 @pytest.mark.slow  # about 15 s: two jobs, each a process of its own
-def test_submitit_local_runs_a_sweep_into_one_sweep_dir_and_reports_every_job(tmp_path, mnist_root):
-    code, out, err = finish(launch(tmp_path, mnist_root, "hydra/launcher=submitit_local", "trainer.max_epochs=1", "precision=32,bf16-mixed",
-                                   "model.hidden=0,8", flags=("-m",)))
+def test_submitit_local_runs_a_sweep_into_one_sweep_dir_and_reports_every_job(tmp_path, task):
+    code, out, err = finish(launch(tmp_path, task, "hydra/launcher=submitit_local", "trainer.max_epochs=1", "precision=32,bf16-mixed",
+                                   "net.hidden=0,8", flags=("-m",)))
     assert code == 1  # two of the four jobs are refused (a zero-width layer): the sweep says so and exits non-zero
     sweep = only_run_dir(tmp_path / "logs", "multirun")
     jobs = sweep_jobs(sweep)
     assert len(jobs) == 4 and not (tmp_path / "logs/train").exists()
     for job in jobs:
         metrics = json.loads((job / "metrics.json").read_text())
-        assert ("error" in metrics) == ("model.hidden=0" in job.name), metrics
+        assert ("error" in metrics) == ("net.hidden=0" in job.name), metrics
         assert (job / "train.log").is_file() and (job / ".hydra/overrides.yaml").is_file()
     assert "sweep of 2 job(s): test/acc" in out  # read back from the jobs, which ran in other processes
-    assert "2 job(s) of the sweep failed" in err and "model.hidden must be >= 1, got 0" in err
+    assert "2 job(s) of the sweep failed" in err and "layers with no weights cannot train" in err
 
 
 @pytest.mark.slow  # about 25 s a case: an uninterrupted run, then a run stopped by the signal, then the requeued job
 @pytest.mark.parametrize("relaunch", ["sbatch script", "submitit"])
-def test_slurms_signal_before_the_time_limit_saves_requeues_and_the_requeued_job_resumes_in_place(tmp_path, mnist_root, relaunch):
+def test_slurms_signal_before_the_time_limit_saves_requeues_and_the_requeued_job_resumes_in_place(tmp_path, task, relaunch):
     """SLURM sends SIGUSR1 (`sbatch --signal=USR1@120`) before the limit; the requeued job runs the same command again.
 
     "sbatch script": the command is run again and finds its run under paths.log_dir by the SLURM job id.
@@ -159,7 +162,7 @@ def test_slurms_signal_before_the_time_limit_saves_requeues_and_the_requeued_job
     """
     precision = ["precision=16-master", "precision.growth_interval=3", "trainer.max_epochs=3", "seed=7"]
     reference = tmp_path / "reference"
-    code, _, err = finish(launch(tmp_path, mnist_root, *precision, f"hydra.run.dir={reference}"))
+    code, _, err = finish(launch(tmp_path, task, *precision, f"hydra.run.dir={reference}"))
     assert code == 0, err[-2000:]
 
     fake = tmp_path / "bin"
@@ -172,7 +175,7 @@ def test_slurms_signal_before_the_time_limit_saves_requeues_and_the_requeued_job
     command = [*precision, *where, "+callbacks.slurm_signal._target_=fault_injection.SendSignalAtStep",
                f"+callbacks.slurm_signal.signum={int(signal.SIGUSR1)}", "+callbacks.slurm_signal.step=13"]  # mid-epoch 2
 
-    code, _, err = finish(launch(tmp_path, mnist_root, *command, env=slurm))
+    code, _, err = finish(launch(tmp_path, task, *command, env=slurm))
     assert code == 128 + signal.SIGUSR1, err[-2000:]
     assert "stopped by SIGUSR1 at step 13 (epoch 1)" in err and "requeued SLURM job 4242: it resumes this run" in err
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
@@ -181,7 +184,7 @@ def test_slurms_signal_before_the_time_limit_saves_requeues_and_the_requeued_job
     assert not (run / "metrics.json").exists()  # no result while requeued: a sweep's launcher would take it as the job's
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 13
 
-    code, out, err = finish(launch(tmp_path, mnist_root, *command, env={**slurm, "SLURM_RESTART_COUNT": "1"}))  # the requeued job
+    code, out, err = finish(launch(tmp_path, task, *command, env={**slurm, "SLURM_RESTART_COUNT": "1"}))  # the requeued job
     assert code == 0, err[-2000:]
     assert f"run dir: {run}" in out
     if relaunch == "sbatch script":

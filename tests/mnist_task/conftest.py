@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from support import Task
 from mnist_task.harness import write_synthetic_mnist
+from support import Task
 
 
 @pytest.fixture

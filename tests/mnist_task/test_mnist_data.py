@@ -1,4 +1,5 @@
-"""The data path: splits, one-hot targets, batches, sharding, resumable order, and bad data files."""
+"""The MNIST task's data: splits, integer labels, batches, sharding, resumable order, the per-sample pipeline, and bad
+data files."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import IMAGE_FILES, LABEL_FILES, N_TEST, N_TRAIN, synthetic_digits
+from mnist_task.harness import IMAGE_FILES, LABEL_FILES, N_TEST, N_TRAIN, synthetic_digits
 from torchvision.datasets import MNIST
 from torchvision.transforms import Compose, Normalize, ToTensor
 
-from mnist_precision.data import MNIST_MEAN, MNIST_STD, EpochPermutation, MNISTDataModule, TensorBatchLoader
 from mnist_precision.kit.errors import UserError
+from mnist_precision.kit.loaders import EpochPermutation, TensorBatchLoader
+from mnist_precision.task.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
 
 
 def make_datamodule(root: Path, **kwargs) -> MNISTDataModule:
@@ -39,12 +41,11 @@ def test_splits_are_seeded_disjoint_and_cover_the_training_set(mnist_root):
     assert not torch.equal(other_seed.splits["val"][0], val_x)
 
 
-def test_targets_are_one_hot_and_images_in_unit_range(mnist_root):
+def test_labels_are_integers_and_images_in_unit_range(mnist_root):
     dm = make_datamodule(mnist_root, normalize=False)
     images, targets = dm.splits["test"]
     _, labels = synthetic_digits(N_TEST, seed=2)
-    assert targets.shape == (N_TEST, 10) and targets.dtype == torch.float32
-    assert torch.equal(targets.argmax(1), labels) and torch.all(targets.sum(1) == 1)
+    assert targets.shape == (N_TEST,) and targets.dtype == torch.int64 and torch.equal(targets, labels)
     assert images.shape == (N_TEST, 1, 28, 28) and images.dtype == torch.float32
     assert images.min() >= 0 and images.max() == 1
 
@@ -62,7 +63,7 @@ def test_batches_equal_a_naive_per_sample_pipeline(mnist_root):
     dataset = MNIST(mnist_root, train=False)
     reference = Compose([ToTensor(), Normalize((MNIST_MEAN,), (MNIST_STD,))])  # the usual per-sample pipeline
     naive_images = torch.stack([reference(dataset[i][0]) for i in range(N_TEST)])
-    naive_targets = torch.stack([torch.nn.functional.one_hot(torch.tensor(dataset[i][1]), 10).float() for i in range(N_TEST)])
+    naive_targets = torch.tensor([dataset[i][1] for i in range(N_TEST)])
     got_images, got_targets = map(torch.cat, zip(*loader, strict=True))
     torch.testing.assert_close(got_images, naive_images, rtol=0, atol=1e-6)  # (x/255 - m)/s vs ToTensor's order
     assert torch.equal(got_targets, naive_targets)
@@ -88,25 +89,25 @@ def test_shuffle_order_depends_only_on_seed_and_epoch():
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ddp_shards_are_disjoint_and_equal_in_batches(world_size):
-    images, targets = torch.arange(101).float().view(-1, 1), torch.zeros(101, 10)
+    images, targets = torch.arange(101).float().view(-1, 1), torch.zeros(101, dtype=torch.long)
     shards = [EpochPermutation(101, True, seed=0, num_replicas=world_size, rank=r) for r in range(world_size)]
     indices = [set(s.indices().tolist()) for s in shards]
     assert all(not a & b for i, a in enumerate(indices) for b in indices[i + 1 :])
     assert sum(map(len, indices)) == 101 - 101 % world_size
-    lengths = {len(TensorBatchLoader(images, targets, 8, s)) for s in shards}
+    lengths = {len(TensorBatchLoader((images, targets), 8, s)) for s in shards}
     assert len(lengths) == 1
 
 
 def test_loader_resumes_mid_epoch_with_the_next_unseen_batch():
-    images, targets = torch.arange(50).float().view(-1, 1), torch.zeros(50, 10)
-    loader = TensorBatchLoader(images, targets, 8, EpochPermutation(50, True, seed=3))
+    images, targets = torch.arange(50).float().view(-1, 1), torch.zeros(50, dtype=torch.long)
+    loader = TensorBatchLoader((images, targets), 8, EpochPermutation(50, True, seed=3))
     loader.sampler.set_epoch(1)
     full = [x for x, _ in loader]
     iterator = iter(loader)
     seen = [next(iterator)[0] for _ in range(3)]
     state = loader.state_dict()
 
-    resumed = TensorBatchLoader(images, targets, 8, EpochPermutation(50, True, seed=3))
+    resumed = TensorBatchLoader((images, targets), 8, EpochPermutation(50, True, seed=3))
     resumed.load_state_dict(state)
     resumed.sampler.set_epoch(1)  # what Lightning does when it restarts the epoch
     rest = [x for x, _ in resumed]
@@ -177,3 +178,13 @@ def test_unreadable_files_are_reported_with_the_directory(writable_mnist, monkey
     monkeypatch.setattr(MNIST, "_load_data", denied)
     with pytest.raises(UserError, match=r"cannot read the MNIST files in .*MNIST/raw: Permission denied"):
         make_datamodule(writable_mnist)
+
+
+def test_the_per_sample_pipeline_serves_the_same_splits_through_a_dataloader(mnist_root):
+    """pipeline=per_sample: torchvision's transforms per image, collated by a DataLoader, over the same validation images."""
+    resident, per_sample = make_datamodule(mnist_root), make_datamodule(mnist_root, pipeline="per_sample")
+    loader = per_sample.val_dataloader()
+    assert isinstance(loader, torch.utils.data.DataLoader) and not hasattr(loader, "state_dict")
+    images, labels = map(torch.cat, zip(*loader, strict=True))
+    torch.testing.assert_close(images, resident.splits["val"][0], rtol=0, atol=1e-6)
+    assert torch.equal(labels, resident.splits["val"][1])

@@ -16,7 +16,7 @@ from support import tensorboard_events
 from mnist_precision.cli import eval as eval_cli
 from mnist_precision.cli import train as train_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 FEW_BATCHES = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 

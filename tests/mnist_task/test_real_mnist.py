@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from support import compose_config, real_
+from mnist_task.conftest import real_mnist_root
+from support import Task, compose_config
 
-from mnist_precision.kit.errors import TrainingDiverged
 from mnist_precision.cli.train import train
+from mnist_precision.kit.errors import TrainingDiverged
 
 pytestmark = [
     pytest.mark.slow,
@@ -15,12 +16,13 @@ pytestmark = [
 
 
 def train_real(tmp_path_factory, *overrides: str) -> dict[str, float]:
-    return train(compose_config(list(overrides), tmp_path_factory.mktemp("run"), real_mnist_root(), fast=False))
+    real = Task("real MNIST", (f"data.data_dir={real_mnist_root()}",))
+    return train(compose_config(real, ["trainer.enable_progress_bar=false", *overrides], tmp_path_factory.mktemp("run"), quiet=False))
 
 
 @pytest.fixture(scope="module")
 def mlp_fp32(tmp_path_factory) -> dict[str, float]:
-    return train_real(tmp_path_factory, "model=mlp", "trainer.max_epochs=5")
+    return train_real(tmp_path_factory, "net=mlp", "trainer.max_epochs=5")
 
 
 def test_mlp_reaches_97_5_percent_in_5_epochs(mlp_fp32):
@@ -36,13 +38,13 @@ def test_convnet_reaches_99_2_percent_in_4_epochs(tmp_path_factory):
 
 
 def test_16_master_matches_fp32_within_0_3_points(tmp_path_factory, mlp_fp32):
-    master = train_real(tmp_path_factory, "model=mlp", "trainer.max_epochs=5", "precision=16-master")
+    master = train_real(tmp_path_factory, "net=mlp", "trainer.max_epochs=5", "precision=16-master")
     assert abs(master["test/acc"] - mlp_fp32["test/acc"]) <= 0.003
 
 
 def test_pure_fp16_with_the_flux_settings_diverges_and_is_stopped(tmp_path_factory):
     with pytest.raises(TrainingDiverged, match="precision=16-true"):
-        train_real(tmp_path_factory, "model=mlp", "trainer.max_epochs=5", "precision=16-true", "optimizer=adam", "optimizer.lr=1e-4")
+        train_real(tmp_path_factory, "net=mlp", "trainer.max_epochs=5", "precision=16-true", "optimizer=adam", "optimizer.lr=1e-4")
 
 
 def test_speedrun_reaches_99_percent_in_2_epochs(tmp_path_factory):

@@ -13,32 +13,32 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import FAST
+from support import QUIET, quadrants, task_env
 
-from mnist_precision.tools import bench as bench_cli
 from mnist_precision.kit.errors import UserError
 from mnist_precision.kit.private_api import TRAINING_STEP_HOOKS
+from mnist_precision.tools import bench as bench_cli
 
-SCRIPTS = Path(__file__).parents[1] / "scripts"
+SCRIPTS = Path(__file__).parents[2] / "scripts"
+QUADRANTS = [*quadrants().overrides, *QUIET]
 
 
 @pytest.mark.slow  # about 25 s: 5 worker processes
-def test_mnist_bench_writes_json_markdown_chart_and_tensorboard(run_main, tmp_path):
-    result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32,16-master]", "bench.warmup_epochs=1",
-                      "bench.epochs=1", "bench.rounds=1", "data.batch_size=128")
+def test_the_bench_writes_json_markdown_chart_and_tensorboard(run_main, tmp_path):
+    result = run_main(bench_cli.main, "bench.nets=[quadrants_mlp]", "bench.precisions=[32,16-master]", "bench.warmup_epochs=1",
+                      "bench.epochs=1", "bench.rounds=1")
     assert result.code == 0, result.stderr[-3000:]
-    assert "[1/5] mlp" in result.stdout and "samples/s" in result.stdout  # progress
+    assert "[1/4] quadrants_mlp" in result.stdout and "samples/s" in result.stdout  # progress
     run_dir = next((tmp_path / "logs/bench").iterdir())
     report = json.loads((run_dir / "bench.json").read_text())
     kinds = {(r["precision"], r["kind"]) for r in report["results"]}
-    assert kinds == {("32", "template"), ("16-master", "template"), ("32", "bare lightning"), ("32", "plain loop"),
-                     ("32", "per-sample pipeline")}
+    assert kinds == {("32", "template"), ("16-master", "template"), ("32", "bare lightning"), ("32", "plain loop")}
     for r in report["results"]:
         assert r["samples_per_sec"] > 0 and r["epoch_seconds"] > 0 and r["peak_memory_mb"] > 0
-    assert report["results"][1]["skipped_steps"] == 0 and 0 <= report["results"][0]["test_acc"] <= 1
+    assert report["results"][1]["skipped_steps"] == 0 and 0 <= report["results"][0]["test"]["test/acc"] <= 1
     assert report["ratios"][0]["template / plain loop (epoch time)"] > 0 and report["ratios"][0]["bare lightning / plain loop"] > 0
     assert report["ratios"][0]["template / bare lightning"] > 0
-    assert "| mlp | 16-master | template |" in (run_dir / "bench.md").read_text()
+    assert "| quadrants_mlp | 16-master | template |" in (run_dir / "bench.md").read_text()
     assert (run_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -50,7 +50,7 @@ def test_baselines_run_on_the_device_mnist_train_uses(make_config, monkeypatch):
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=120, env=task_env(quadrants()))
 
 
 @pytest.mark.slow  # about 12 s: torch's Timer runs each dtype for 0.5 s, in a process of its own
@@ -63,16 +63,16 @@ def test_matmul_benchmark_prints_a_table_for_each_dtype():
 
 
 @pytest.mark.slow  # about 10 s: a two-epoch run in a process of its own
-def test_time_calls_times_each_logged_value_logger_write_and_checkpoint(mnist_root):
+def test_time_calls_times_each_logged_value_logger_write_and_checkpoint():
     """scripts/time_calls.py (README, Performance): a row for each self.log key, the logger's write and flush, and
     the checkpoints with the torch.save and fsync inside them, each counted per epoch and timed."""
-    done = run_script("time_calls.py", f"data.data_dir={mnist_root}", *FAST, "trainer.max_epochs=2")
+    done = run_script("time_calls.py", *QUADRANTS, "trainer.max_epochs=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 epochs of 8 steps, logging every 1" in done.stdout  # 512 training images, batch 64
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in done.stdout.splitlines() if line.startswith("| ")]
     table = {name: (float(per_epoch), float(median)) for name, per_epoch, median, _ in rows[1:]}
-    assert table["self.log('train/loss_step')"][0] == 8  # every step logs
-    assert table["self.log('val/acc')"][0] == 1
+    assert table["self.log('train/loss_step')"][0] == 8  # every step logs (the training monitor's)
+    assert table["self.log('train/acc')"][0] == 8  # the quadrants module logs its metric object every step
     expected = {"TensorBoardLogger.log_metrics", "TensorBoardLogger.save (flush)", "trainer.save_checkpoint", "of which torch.save",
                 "of which os.fsync"}
     assert expected <= set(table)
@@ -92,23 +92,22 @@ def test_gpu_benchmarks_say_they_need_a_gpu_on_cpu(script):
 def test_limit_train_batches_limits_the_baselines_too_and_they_take_turns_epoch_by_epoch(run_main, tmp_path):
     """Every row trains on the same number of batches, so the ratios compare equal work; and the configurations run
     one epoch each in turn, never two at once, so a ratio pairs epochs run one right after the other (issue 8)."""
-    result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32]", "bench.rounds=2", "bench.warmup_epochs=1",
+    result = run_main(bench_cli.main, "bench.nets=[quadrants_mlp]", "bench.precisions=[32]", "bench.rounds=2", "bench.warmup_epochs=1",
                       "bench.epochs=2", "bench.limit_train_batches=3")
     assert result.code == 0, result.stderr[-3000:]
     report = json.loads((next((tmp_path / "logs/bench").iterdir()) / "bench.json").read_text())
-    assert {r["kind"]: r["steps_per_epoch"] for r in report["results"]} == {
-        "template": 3, "bare lightning": 3, "plain loop": 3, "per-sample pipeline": 3}
+    assert {r["kind"]: r["steps_per_epoch"] for r in report["results"]} == {"template": 3, "bare lightning": 3, "plain loop": 3}
     assert all(r["epoch_seconds"] > 0 and len(r["epoch_seconds_by_round"]) == 2 for r in report["results"])
-    in_turn = ["template", "bare lightning", "plain loop", "per-sample pipeline"]  # the per-sample pipeline: 2 epochs
+    in_turn = ["template", "bare lightning", "plain loop"]
     for round_number in range(2):
         epochs = sorted((start, end, r["kind"]) for r in report["results"] for start, end in r["epoch_spans_by_round"][round_number])
         assert all(end <= next_start for (_, end, _), (next_start, _, _) in pairwise(epochs))  # one at a time
-        assert [kind for *_, kind in epochs] == in_turn * 2 + in_turn[:3]
+        assert [kind for *_, kind in epochs] == in_turn * 3
 
 
 @pytest.mark.slow  # 8-11 s: 2 worker processes, each importing torch and Lightning
 def test_a_variant_runs_the_template_with_its_overrides_in_turn_and_is_compared_with_it(run_main, tmp_path):
-    result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32]", "bench.baselines=false", "bench.rounds=1",
+    result = run_main(bench_cli.main, "bench.nets=[quadrants_mlp]", "bench.precisions=[32]", "bench.baselines=false", "bench.rounds=1",
                       "bench.warmup_epochs=1", "bench.epochs=1", "bench.limit_train_batches=3", "bench.variants={no_tensorboard:['logger=none']}")
     assert result.code == 0, result.stderr[-3000:]
     run_dir = next((tmp_path / "logs/bench").iterdir())
@@ -116,18 +115,18 @@ def test_a_variant_runs_the_template_with_its_overrides_in_turn_and_is_compared_
     assert [(r["kind"], r["precision"]) for r in report["results"]] == [("template", "32"), ("template: no_tensorboard", "32")]
     assert report["ratios"][0]["no_tensorboard / template"] > 0
     runs = run_dir / "runs"
-    assert (runs / "mlp_32_template_round1/tensorboard").is_dir()
-    assert not (runs / "mlp_32_template_no_tensorboard_round1/tensorboard").exists()  # its overrides applied
-    assert "| mlp | 32 | template: no_tensorboard |" in (run_dir / "bench.md").read_text()
+    assert (runs / "quadrants_mlp_32_template_round1/tensorboard").is_dir()
+    assert not (runs / "quadrants_mlp_32_template_no_tensorboard_round1/tensorboard").exists()  # its overrides applied
+    assert "| quadrants_mlp | 32 | template: no_tensorboard |" in (run_dir / "bench.md").read_text()
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("bench.variants={quiet:['logger=nope']}", r"the template: quiet configuration \(mlp, precision 32\): In 'train': Could not find 'logger/nope'"),
-    ("bench.models=[nope]", r"the template configuration \(nope, precision 32\): In 'train': Could not find 'model/nope'"),
-    ("bench.variants={quiet:['trainer.nope=1']}", r"the template: quiet configuration \(mlp, precision 32\): Could not override 'trainer.nope'"),
+    ("bench.variants={quiet:['logger=nope']}", r"the template: quiet configuration \(quadrants_mlp, precision 32\): In 'train': Could not find 'logger/nope'"),
+    ("bench.nets=[nope]", r"the template configuration \(nope, precision 32\): In 'train': Could not find 'net/nope'"),
+    ("bench.variants={quiet:['trainer.nope=1']}", r"the template: quiet configuration \(quadrants_mlp, precision 32\): Could not override 'trainer.nope'"),
 ])
 def test_a_configuration_that_does_not_compose_is_one_message_before_any_worker_starts(run_main, tmp_path, override, message):
-    result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32]", "bench.baselines=false", override)
+    result = run_main(bench_cli.main, "bench.nets=[quadrants_mlp]", "bench.precisions=[32]", "bench.baselines=false", override)
     assert result.code == 1 and "Traceback" not in result.stderr
     assert re.search("error: " + message, result.stderr), result.stderr[-2000:]
     assert not (tmp_path / "logs/bench").exists() or not any((tmp_path / "logs/bench").iterdir())  # no run dir left
@@ -137,8 +136,8 @@ def test_a_refused_bench_in_a_directory_of_the_users_keeps_the_users_files(run_m
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "keep.txt").write_text("precious")
-    result = run_main(bench_cli.main, f"hydra.run.dir={mine}", "bench.models=[nope]")
-    assert result.code == 1 and "Could not find 'model/nope'" in result.stderr
+    result = run_main(bench_cli.main, f"hydra.run.dir={mine}", "bench.nets=[nope]")
+    assert result.code == 1 and "Could not find 'net/nope'" in result.stderr
     assert (mine / "keep.txt").read_text() == "precious"
 
 
@@ -161,7 +160,7 @@ def test_bench_variants_that_are_not_lists_of_overrides_are_one_message(variants
 
 @pytest.mark.parametrize(("variants", "message"), [
     ({"no tb": ["logger=none"]}, "the name 'no tb' may hold only letters, digits, _ and -"),
-    ({"cnn": ["model=cnn"]}, r"bench.variants.cnn: model=cnn would change what it is compared on"),
+    ({"cnn": ["net=cnn"]}, r"bench.variants.cnn: net=cnn would change what it is compared on"),
     ({"bf16": ["precision=bf16-mixed"]}, "bench.variants.bf16: precision=bf16-mixed would change"),
     ({"short": ["trainer.max_epochs=1", "logger=none"]}, "bench.variants.short: trainer.max_epochs=1 would change"),
     ({"few": ["+trainer.limit_train_batches=5"]}, r"bench.variants.few: \+trainer.limit_train_batches=5 would change"),
@@ -172,19 +171,19 @@ def test_a_variant_may_not_change_what_it_is_compared_on_nor_have_an_odd_name(va
 
 
 def test_a_variant_without_the_training_monitor_is_refused_before_any_worker_starts(run_main, tmp_path):
-    result = run_main(bench_cli.main, "bench.models=[mlp]", "bench.precisions=[32]", "bench.variants={bare:['callbacks=none']}")
+    result = run_main(bench_cli.main, "bench.nets=[quadrants_mlp]", "bench.precisions=[32]", "bench.variants={bare:['callbacks=none']}")
     assert result.code == 1 and "Traceback" not in result.stderr
-    assert "error: the template: bare configuration (mlp, precision 32): mnist-bench times the template's epochs" in result.stderr
+    assert "error: the template: bare configuration (quadrants_mlp, precision 32): mnist-bench times the template's epochs" in result.stderr
 
 
 def test_a_variants_ratio_is_its_epochs_paired_with_the_templates_and_leaves_the_baselines_as_they_were():
     def run(kind: str, precision: str, seconds: list[float]) -> dict:
-        return {"model": "mlp", "kind": kind, "precision": precision, "steps_per_epoch": 10, "timed_epoch_seconds_by_round": [seconds]}
+        return {"net": "mlp", "kind": kind, "precision": precision, "steps_per_epoch": 10, "timed_epoch_seconds_by_round": [seconds]}
 
     results = [run("template", "32", [2.0, 4.0, 2.0]), run("template", "bf16-mixed", [9.0, 9.0, 9.0]),
                run("template: quiet", "32", [1.0, 3.0, 1.5]), run("plain loop", "32", [1.0, 2.0, 1.0])]
     (row,) = bench_cli.ratios(results)
-    assert list(row) == ["model", "template / plain loop (epoch time)", "template overhead (us/step)", "quiet / template"]
+    assert list(row) == ["net", "template / plain loop (epoch time)", "template overhead (us/step)", "quiet / template"]
     assert row["quiet / template"] == 0.75  # median of 0.5, 0.75, 0.75: against the template at 32, not at bf16-mixed
     assert row["template / plain loop (epoch time)"] == 2.0
 
@@ -210,37 +209,36 @@ class SlowParent:
         return "go"
 
 
-def test_the_template_waits_for_its_turn_outside_its_clocks(mnist_root, tmp_path):
+def test_the_template_waits_for_its_turn_outside_its_clocks(tmp_path):
     """TakeTurns runs before the template's own epoch-start hooks: the wait is in neither the epoch nor samples/s."""
     parent = SlowParent()
-    overrides = [f"data.data_dir={mnist_root}", *FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=2"]
+    overrides = [*QUADRANTS, "trainer.max_epochs=2", "trainer.limit_train_batches=2"]
     result = bench_cli.measure_template(overrides, str(tmp_path / "run"), 0, bench_cli.Turns(parent))
     assert [what for what, _ in parent.sent] == ["ready", "epoch", "epoch"]
     assert all(end - start < SlowParent.WAIT for start, end in result["epoch_spans"])
     assert result["samples_per_sec"] > 2 * 64 / SlowParent.WAIT  # 2 batches of 64 trained in less than one wait
 
 
-def test_the_benchs_clock_adds_no_hook_call_to_the_templates_steps(mnist_root, tmp_path, monkeypatch):
-    """Bare Lightning times itself in its own module hooks; the template's TakeTurns callback must not cost its steps
-    the six training-step hooks it inherits empty either."""
+def test_the_benchs_clock_adds_no_hook_call_to_the_templates_steps(tmp_path, monkeypatch):
+    """The bench's TakeTurns callback must not cost the template's steps the six training-step hooks it inherits empty."""
     made = []
 
     class Recorded(bench_cli.TakeTurns):
-        def __init__(self, turns):
-            super().__init__(turns)
+        def __init__(self, turns, samples_per_epoch=0):
+            super().__init__(turns, samples_per_epoch)
             made.append(self)
 
     class Parent(SlowParent):
         WAIT = 0.0
 
     monkeypatch.setattr(bench_cli, "TakeTurns", Recorded)
-    overrides = [f"data.data_dir={mnist_root}", *FAST, "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+    overrides = [*QUADRANTS, "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
     bench_cli.measure_template(overrides, str(tmp_path / "run"), 0, bench_cli.Turns(Parent()))
     assert len(made) == 1 and all(getattr(made[0], name) is None for name in TRAINING_STEP_HOOKS)
 
 
-def test_without_the_training_monitor_the_bench_says_what_it_times_with(mnist_root, tmp_path):
-    overrides = [f"data.data_dir={mnist_root}", *FAST, "callbacks=none"]
+def test_without_the_training_monitor_the_bench_says_what_it_times_with(tmp_path):
+    overrides = [*QUADRANTS, "callbacks=none"]
     with pytest.raises(UserError, match="keep callbacks.training_monitor"):
         bench_cli.measure_template(overrides, str(tmp_path / "run"), 0, bench_cli.Turns(SlowParent()))
 

@@ -6,17 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
-from test_cli import only_run_dir
+from lightning.pytorch.profilers import SimpleProfiler
+from support import only_run_dir
 
 from mnist_precision.cli import train as train_cli
 from mnist_precision.kit.build import build_run
-from mnist_precision.kit.speedups import NoProfiler
 from mnist_precision.tools.profiling import LayerProfiler
 
 
 def test_debug_profiler_writes_a_layer_table_and_a_perfetto_trace(run_main, tmp_path):
-    result = run_main(train_cli.main, "debug=profiler", "model=convnet", "model.channels=4")
+    result = run_main(train_cli.main, "debug=profiler", "net=quadrants_cnn")
     assert result.code == 0, result.stderr
     profile = only_run_dir(tmp_path / "logs") / "profile"
     rows = [line.split(" | ") for line in (profile / "layers-fit.md").read_text().splitlines()[2:]]

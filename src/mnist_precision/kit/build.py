@@ -104,6 +104,8 @@ def build(key: str, node: DictConfig | None, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
         cause = error.__cause__ or error
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:  # a target that instantiates its own
+            cause = cause.__cause__
         if isinstance(cause, UserError):
             raise cause from None
         raise UserError(f"{key}: {first_line(cause)}") from None

@@ -39,6 +39,8 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
      "torchao 0.18 registers an Enum with torch's pytree on import, which torch 2.14 deprecates; nothing to do for users"),
     (r"No CUDA runtime is found, using CUDA_HOME",
      "torch.utils.cpp_extension, imported by torch's compile stack, reports a CUDA toolkit on a machine without a GPU"),
+    (r"The following callbacks returned in `LightningModule.configure_callbacks` will override existing callbacks",
+     "a module's configure_callbacks is called when it fits and again when it tests: the test's callbacks replace the fit's"),
     (r"SLURM auto-requeueing enabled\. Setting signal handlers\.",
      "under SLURM, printed by each fit and test: while training, LastCheckpoint's save-and-requeue takes the signal"),
     (r"(Received|Bypassing) SIGTERM: 15",

@@ -75,6 +75,8 @@ def _flatten(prefix: str, node: dict[str, Any]) -> dict[str, Any]:
     for key, value in node.items():
         if key == "_target_":
             flat[prefix] = _short(value)
+        elif key == "name" and "." not in prefix:  # a group's own name for its choice (precision.name: 16-master)
+            flat[prefix] = value
         elif key.startswith("_") or key in KNOB_GROUPS or key.endswith(("_dir", "_path", "_root")):
             continue
         elif isinstance(value, dict):

@@ -9,6 +9,8 @@ import time
 import lightning as L
 from lightning.pytorch import callbacks as lightning_callbacks
 
+from mnist_precision.kit.results import shown_order
+
 EPOCH_LOG = logging.getLogger("mnist_precision.epochs")
 
 
@@ -70,9 +72,3 @@ class EpochLines(lightning_callbacks.ProgressBar):
         total = f"/{trainer.max_epochs}" if trainer.max_steps == -1 and trainer.max_epochs and trainer.max_epochs > 0 else ""
         EPOCH_LOG.info(f"epoch {epoch + 1}{total}  {shown}  {time.perf_counter() - self._epoch_start:.1f} s")
         self._epoch_start = None
-
-
-def shown_order(name: str) -> tuple[int, str]:
-    """train/... first, then val/..., then the rest, each alphabetically."""
-    stage = name.split("/", 1)[0]
-    return ({"train": 0, "val": 1}.get(stage, 2), name)

@@ -25,11 +25,18 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
             raise
 
 
+def shown_order(name: str) -> tuple[int, bool, str]:
+    """How metrics are listed (epoch lines, summary): train/... first, then val/..., then the rest; in each, the loss
+    first, then the others alphabetically."""
+    stage = name.split("/", 1)[0]
+    return ({"train": 0, "val": 1}.get(stage, 2), "loss" not in name, name)
+
+
 def summary(metrics: dict[str, float], run_dir: Path, cfg: DictConfig) -> str:
     """The end of a run: the test metrics, the best monitored value, times, and where to look (the run, and each
     logger's viewer)."""
     best = f"{cfg.monitor.metric}_best"
-    parts = [f"{name}={value:.4f}" for name, value in metrics.items() if name.startswith("test/")]
+    parts = [f"{name}={metrics[name]:.4f}" for name in sorted(metrics, key=shown_order) if name.startswith("test/")]
     if best in metrics:
         parts.append(f"{best}={metrics[best]:.4f}")
     if "time/fit_seconds" in metrics:

@@ -143,6 +143,11 @@ def measure_template(overrides: list[str], output_dir: str, warmup: int, turns: 
     }
 
 
+def bench_device(cfg: DictConfig) -> torch.device:
+    """The device mnist-train uses for this config, so the baselines run where the template runs."""
+    return torch.device("cpu" if runs_on_cpu(cfg.trainer.accelerator) else "cuda")
+
+
 def task_parts(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     """The task's module and data module, built from the config as mnist-train builds them, and a Trainer that the data
     module may ask for its device and rank (it never fits here)."""
@@ -251,7 +256,9 @@ def _worker(kind: str, overrides: list[str], output_dir: str, warmup: int, conne
 
 def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     settings = cfg.bench
-    base = [o for o in HydraConfig.get().overrides.task if not o.startswith(("bench.", "net=", "precision=", "trainer.max_epochs="))]
+    overrides = HydraConfig.get().overrides
+    base = [o for o in overrides.task if not o.startswith(("bench.", "net=", "precision=", "trainer.max_epochs="))]
+    base += [o for o in overrides.hydra if o.startswith("hydra.searchpath=")]  # where a task's configs outside conf/ are
     base += [f"trainer.max_epochs={settings.warmup_epochs + settings.epochs}"]  # progress bar and all, as users run it
     if settings.limit_train_batches:
         base.append(f"trainer.limit_train_batches={settings.limit_train_batches}")
@@ -383,7 +390,7 @@ def paired(run: dict[str, Any], reference: dict[str, Any], compare: Callable[[fl
     """The median, over the timed epochs of every round, of compare(run's epoch, the reference's epoch run right
     before or after it)."""
     pairs = [(mine, theirs) for rounds in zip(run["timed_epoch_seconds_by_round"], reference["timed_epoch_seconds_by_round"], strict=True)
-             for mine, theirs in zip(*rounds, strict=True)]
+             for mine, theirs in zip(*rounds, strict=False)]  # a round cut short pairs the epochs it has
     return statistics.median(compare(mine, theirs) for mine, theirs in pairs)
 
 

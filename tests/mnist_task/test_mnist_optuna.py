@@ -1,11 +1,11 @@
-"""hparams_search=mnist_optuna: Hydra's Optuna sweeper maximises val/acc_best (never the test accuracy)."""
+"""hparams_search=mnist_optuna: Hydra's Optuna sweeper maximises the best val/acc (never the test accuracy)."""
 
 from __future__ import annotations
 
 import json
 
 import yaml
-from test_cli import sweep_jobs
+from support import sweep_jobs
 
 from mnist_precision.cli import train as train_cli
 
@@ -19,4 +19,4 @@ def test_the_optuna_search_maximises_validation_accuracy(run_main, tmp_path):
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(job["val/acc_best"] for job in jobs)
     # A key set on the command line is fixed, not searched: the test's fast settings set data.batch_size.
-    assert set(best["best_params"]) == {"optimizer.lr", "model.hidden"}
+    assert set(best["best_params"]) == {"optimizer.lr", "net.hidden"}
