@@ -1,5 +1,5 @@
-"""README.md against the code: every documented mnist-train / mnist-eval command runs (on the synthetic data, a few
-batches each), and the output, tags and table columns the README shows are the ones the code produces."""
+"""README.md and docs/ against the code: every documented mnist-train / mnist-eval command runs (on the synthetic data, a
+few batches each), and the output, tags and table columns the README shows are the ones the code produces."""
 
 from __future__ import annotations
 
@@ -18,18 +18,36 @@ from mnist_precision.cli import train as train_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
+DOCS = {path.name: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
 FEW_BATCHES = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 
 
-def documented_commands() -> list[str]:
-    """The mnist-train / mnist-eval commands in README's bash blocks and its results table, in order."""
+def fenced_blocks(text: str) -> list[tuple[str, list[str]]]:
+    """Each fenced block of a Markdown page: its language (empty for a plain block) and its lines."""
+    blocks, current = [], None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current = (line[3:].strip(), [])
+            else:
+                blocks.append(current)
+                current = None
+        elif current is not None:
+            current[1].append(line)
+    return blocks
+
+
+def documented_commands(text: str) -> list[str]:
+    """The mnist-train / mnist-eval commands in a page's bash blocks, in order."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
-        for line in block.splitlines():
+    for language, lines in fenced_blocks(text):
+        if language != "bash":
+            continue
+        for line in lines:
             found = re.search(r"\bmnist-(?:train|eval)\b.*", line.split("  #")[0].strip())
             if found:
                 commands.append(found.group(0))
-    return commands + re.findall(r"\| `(mnist-train [^`]*)` \|", README)
+    return commands
 
 
 CLUSTER_MISSING = ("submits SLURM jobs with sbatch, which is not on this machine's PATH", "torch sees no CUDA GPU here",
@@ -37,9 +55,9 @@ CLUSTER_MISSING = ("submits SLURM jobs with sbatch, which is not on this machine
 
 
 def needs_a_cluster(command: str) -> bool:
-    """README's GPU, multi-node and SLURM commands: with no GPU and no sbatch here, each must be refused cleanly."""
+    """The GPU, multi-node and SLURM commands: with no GPU and no sbatch here, each must be refused cleanly."""
     needs = ("hydra/launcher=slurm" in command and shutil.which("sbatch") is None) or "trainer.num_nodes=2" in command
-    return needs or (("trainer=ddp " in command or "trainer=gpu" in command) and not torch.cuda.is_available())
+    return needs or (("trainer=ddp " in command or command.endswith("trainer=ddp") or "trainer=gpu" in command) and not torch.cuda.is_available())
 
 
 def shape(text: str) -> str:
@@ -47,16 +65,15 @@ def shape(text: str) -> str:
     return re.sub(r"\d[\d,.]*", "N", re.sub(r"/\S+", "PATH", text.strip()))
 
 
-def readme_block_after(marker: str) -> list[str]:
-    """The lines of the first fenced block after `marker`."""
-    return README[README.index(marker):].split("```")[1].strip("\n").splitlines()
+def block_starting_with(text: str, prefix: str) -> list[str]:
+    """The lines of the first plain fenced block whose first line starts with `prefix`."""
+    return next(lines for language, lines in fenced_blocks(text) if not language and lines and lines[0].startswith(prefix))
 
 
-@pytest.mark.slow  # about 45 s: every command, two of them on 2 DDP processes
-def test_every_documented_command_runs_and_prints_what_the_readme_shows(run_main, run_cli, tmp_path):
-    logs = tmp_path / "logs"
+def run_documented(run_main, run_cli, logs: Path, commands: list[str]) -> dict[str, str]:
+    """Runs each command (refused cleanly where it needs a cluster); returns each one's stdout."""
     outputs = {}
-    for command in documented_commands():
+    for command in commands:
         latest = lambda kind: sorted((logs / kind).iterdir())[-1]  # noqa: E731
         if "<run>" in command:
             command = command.replace("logs/train/<run>", str(latest("train")))
@@ -73,19 +90,29 @@ def test_every_documented_command_runs_and_prints_what_the_readme_shows(run_main
             result = run_cli(name.removeprefix("mnist-"), *args, *FEW_BATCHES, "trainer.enable_progress_bar=true", timeout=400)
         else:
             result = run_main(main, *args, *FEW_BATCHES, "trainer.enable_progress_bar=true")
-        # Two commands end in a documented error here: the precision sweep's 16-true job, and resume=latest without a
-        # new limit, because in this sequence the newest run has finished (the README says what that prints).
+        # The precision sweep's 16-true job ends in the documented error, and so does resume=latest once the newest
+        # run has finished (the docs say what that prints).
         failing = "16-true" in command or command == "mnist-train resume=latest"
         assert result.code == (1 if failing else 0), (command, result.stderr[-2000:])
         if command == "mnist-train resume=latest":
             assert "nothing is left to train. Train on with a larger limit" in result.stderr
         outputs[command] = result.stdout
+    return outputs
 
-    # The summary block and the epoch line, as the README shows them.
+
+@pytest.mark.slow  # about 60 s: every README command, two of them on 2 DDP processes
+def test_every_readme_command_runs_and_prints_what_the_readme_shows(run_main, run_cli, tmp_path):
+    outputs = run_documented(run_main, run_cli, tmp_path / "logs", documented_commands(README))
     first = outputs["mnist-train"].splitlines()
-    assert [shape(line) for line in readme_block_after("ends with a summary block")] == [shape(line) for line in first[-3:]]
-    epoch_line = readme_block_after("one line per epoch instead")[0]
+    assert [shape(line) for line in block_starting_with(README, "test/")] == [shape(line) for line in first[-3:]]
+    epoch_line = block_starting_with(README, "epoch 1/")[0]
     assert shape(epoch_line).replace("N/N", "N") in [shape(line).replace("N/N", "N") for line in first]
+
+
+@pytest.mark.slow  # about 60 s: every command of docs/
+@pytest.mark.parametrize("page", [name for name, text in DOCS.items() if documented_commands(text)])
+def test_every_docs_command_runs(run_main, run_cli, tmp_path, page):
+    run_documented(run_main, run_cli, tmp_path / "logs", documented_commands(DOCS[page]))
 
 
 def test_the_precision_table_has_the_readmes_columns(run_main, tmp_path):
@@ -102,7 +129,7 @@ def test_the_tensorboard_tags_the_readme_names_are_logged(run_main, tmp_path):
     assert run_main(train_cli.main, "precision=16-master", "trainer.max_epochs=2").code == 0
     run_dir = next((tmp_path / "logs/train").iterdir())
     accumulator = tensorboard_events(run_dir)
-    paragraph = README[README.index("Each run logs `train/loss_step`"):README.index("The HParams tab")]
-    named = [tag for tag in re.findall(r"`([a-z_]+(?:/[a-z_]+)?)`", paragraph) if "/" in tag or tag == "lr"]
-    assert len(named) >= 12
+    paragraph = README[README.index("Each run logs to TensorBoard"):README.index("The\nHParams tab")]
+    named = [tag for tag in re.findall(r"`([A-Za-z_-]+(?:/[a-z_]+)?)`", paragraph) if "/" in tag or tag.startswith("lr-")]
+    assert len(named) >= 11
     assert set(named) <= set(accumulator.Tags()["scalars"])

@@ -2,7 +2,7 @@
 them (precision plugins, checkpoint IO, callbacks, loggers), then applies the guarantees and speedups to the module.
 
 The whole contract with the task is here and in conf/train.yaml: `data` and `model` are built with
-`hydra.utils.instantiate` from their `_target_`, whatever classes they name (README: Adapting it to your task).
+`hydra.utils.instantiate` from their `_target_`, whatever classes they name (docs/adapting.md).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def _check_nodes(trainer: DictConfig) -> list[str]:
         return []
     return [f"trainer.num_nodes={nodes} but this process is not one of several nodes: run it under SLURM "
             "(hydra/launcher=slurm), torchrun, or start it on each node with NODE_RANK, MASTER_ADDR and MASTER_PORT set "
-            "(README: Scaling out)"]
+            "(docs/scaling.md)"]
 
 
 def signature_problems(key: str, node: DictConfig) -> list[str]:

@@ -91,7 +91,7 @@ def explain_checkpoint_mismatch(ckpt_path: str | None) -> Iterator[None]:
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
         raise UserError(
             f"{ckpt_path} was written for a different model than the one configured ({detail[:200]}). "
-            "Pass the model= (and precision=) the checkpoint was trained with."
+            "Pass the net= (and precision=) the checkpoint was trained with."
         ) from None
 
 

@@ -3,7 +3,7 @@ that checkpoints save, so a run resumed mid-epoch sees exactly the batches an un
 
 Any task whose data are a few tensors can use it (the MNIST task does); any other loader works with the machinery too
 (a plain DataLoader, torchdata's StatefulDataLoader), with exact mid-epoch resume wherever the loader can save its
-position (README: Resume).
+position (docs/reliability.md).
 """
 
 from __future__ import annotations

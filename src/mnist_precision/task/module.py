@@ -1,6 +1,6 @@
 """`MNISTClassifier`: the MNIST task's LightningModule. Plain Lightning: torchmetrics, `self.log`, public hooks only.
 
-What every module gets from the machinery without a line here (README: Adapting it to your task): the training loss
+What every module gets from the machinery without a line here (docs/adapting.md): the training loss
 logged per step and per epoch from what `training_step` returns, the learning rate, the non-finite-loss guard, RNG state
 in checkpoints, the loss in FP32 under half precisions, the scheduler held on a step the loss scaler skipped, and the
 per-step speedups.
