@@ -25,17 +25,17 @@ python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightnin
 
 # 1. every precision x {mlp, cnn, convnet} on CUDA, 16-master == 16-mixed to the bit, data resident on the GPU,
 #    and no host sync in a steady-state step under torch.cuda.set_sync_debug_mode("error")
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_host_syncs.py 2>&1 | tee "$OUT/tests.txt"
+python3 -m pytest -q -p no:cacheprovider tests/kit/test_gpu.py tests/kit/test_host_syncs.py tests/mnist_task/test_mnist_module.py 2>&1 | tee "$OUT/tests.txt"
 
 # 2. experiment=speedrun over 5 seeds: test accuracy and training time (CUDA events), mean and spread
-python3 -m mnist_precision.train -m experiment=speedrun seed=0,1,2,3,4 trainer.enable_progress_bar=false \
+python3 -m mnist_precision.cli.train -m experiment=speedrun seed=0,1,2,3,4 trainer.enable_progress_bar=false \
     paths.log_dir="$PWD/logs" 2>&1 | grep -E "^test/acc=|^sweep of" | tee "$OUT/speedrun.txt"
 
 # 3. mnist-bench on wide_mlp: every precision (FP32 matmuls, no TF32), samples/s and peak memory
-python3 -m mnist_precision.bench bench.models=[wide_mlp] "bench.precisions=[32,16-mixed,bf16-mixed,16-true,bf16-true,16-master,bf16-master]" \
+python3 -m mnist_precision.cli.bench bench.nets=[wide_mlp] "bench.precisions=[32,16-mixed,bf16-mixed,16-true,bf16-true,16-master,bf16-master]" \
     bench.baselines=false bench.rounds=3 matmul_precision=highest paths.log_dir="$PWD/logs" 2>&1 | tail -20 | tee "$OUT/bench_wide_mlp.txt"
 #    and the per-step overhead on the GPU, against the plain loop and Lightning's floor
-python3 -m mnist_precision.bench bench.models=[mlp,cnn] bench.precisions=[32,bf16-mixed] paths.log_dir="$PWD/logs" 2>&1 | tail -20 | tee "$OUT/bench_overhead.txt"
+python3 -m mnist_precision.cli.bench bench.nets=[mlp,cnn] bench.precisions=[32,bf16-mixed] paths.log_dir="$PWD/logs" 2>&1 | tail -20 | tee "$OUT/bench_overhead.txt"
 
 # 4. the seed's micro-benchmarks
 python3 scripts/bench_matmul.py --sizes 1000 2048 4096 8192 | tee "$OUT/matmul.txt"

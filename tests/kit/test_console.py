@@ -42,6 +42,7 @@ def test_off_a_terminal_a_run_prints_one_line_per_epoch_then_a_summary_block_and
     assert re.search(EPOCH_LINE.format(n=3, of=3), log) and f"TensorBoard: tensorboard --logdir {run_dir}" in log
 
 
+@pytest.mark.slow  # about 10 s: mnist-train in a process of its own
 def test_a_real_warning_is_shown_on_stderr_and_kept_in_train_log(run_cli, tmp_path):
     result = run_cli("train", "trainer.max_epochs=1", "+callbacks.warn._target_=fault_injection.WarnAtStep", "+callbacks.warn.step=2",
                      env={"PYTHONWARNINGS": "", "PYTHONPATH": str(TESTS)})

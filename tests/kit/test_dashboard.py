@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from support import only_run_dir, tensorboard_events
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
@@ -69,6 +70,7 @@ def test_logger_many_writes_tensorboard_and_a_csv_with_the_same_metrics(run_main
     assert any(row.get("test/acc") for row in rows) and any(row.get("train/loss_step") for row in rows)
 
 
+@pytest.mark.slow  # about 8 s: a run and its resume, with MLflow's SQLite store
 def test_logger_mlflow_keeps_one_mlflow_run_in_the_run_dir_that_a_resume_continues(run_main, tmp_path):
     from mlflow.tracking import MlflowClient
 

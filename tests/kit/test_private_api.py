@@ -14,6 +14,7 @@ from mnist_precision.kit.build import build_run
 from mnist_precision.kit.private_api import (
     NORM_LAYERS,
     TRAINING_STEP_HOOKS,
+    epochs_trained,
     found_inf,
     saves_within_epochs,
     should_log_this_step,
@@ -136,3 +137,13 @@ def test_norm_layers_cover_torchs_public_normalisation_layers():
               and issubclass(getattr(torch.nn, name), torch.nn.Module) and name not in ("LocalResponseNorm", "CrossMapLRN2d")]
     assert len(public) >= 12  # BatchNorm1d-3d, the lazy ones, SyncBatchNorm, InstanceNorm1d-3d, LayerNorm, GroupNorm, RMSNorm
     assert all(issubclass(layer, NORM_LAYERS) for layer in public), [layer for layer in public if not issubclass(layer, NORM_LAYERS)]
+
+
+def test_epochs_trained_is_the_count_of_epochs_a_checkpoint_finished(make_config, tmp_path):
+    """Read where the fit loop keeps it: 2 finished epochs, also after a resume that adds a third."""
+    from mnist_precision.cli.train import train
+
+    train(make_config("trainer.max_epochs=2"))
+    assert epochs_trained(torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)) == 2
+    train(make_config("trainer.max_epochs=3", f"resume={tmp_path / 'run'}"))
+    assert epochs_trained(torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)) == 3

@@ -1,4 +1,4 @@
-"""Beyond one process: nodes started by hand, SLURM's requeue, and Hydra's submitit launcher (README: Scaling out).
+"""Beyond one process: nodes started by hand, SLURM's requeue, and Hydra's submitit launcher (docs/scaling.md).
 
 No cluster here: nodes are processes of this machine, SLURM is its environment variables plus a fake `scontrol` on
 PATH, and submitit runs its jobs as local processes (hydra/launcher=submitit_local, the SLURM launcher's twin).

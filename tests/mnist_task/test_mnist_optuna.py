@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from support import sweep_jobs
 
 from mnist_precision.cli import train as train_cli
 
 
+@pytest.mark.slow  # about 4 s: a 3-trial Optuna sweep
 def test_the_optuna_search_maximises_validation_accuracy(run_main, tmp_path):
     result = run_main(train_cli.main, "hparams_search=mnist_optuna", "hydra.sweeper.n_trials=3", "trainer.max_epochs=1")
     assert result.code == 0, result.stderr

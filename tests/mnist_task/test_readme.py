@@ -115,6 +115,7 @@ def test_every_docs_command_runs(run_main, run_cli, tmp_path, page):
     run_documented(run_main, run_cli, tmp_path / "logs", documented_commands(DOCS[page]))
 
 
+@pytest.mark.slow  # about 4 s: a 2-job sweep, then the script in a process of its own
 def test_the_precision_table_has_the_readmes_columns(run_main, tmp_path):
     assert run_main(train_cli.main, "-m", "precision=32,16-master", *FEW_BATCHES).code == 0
     sweep = next((tmp_path / "logs/multirun").iterdir())

@@ -48,6 +48,6 @@ def test_pure_fp16_with_the_flux_settings_diverges_and_is_stopped(tmp_path_facto
 
 
 def test_speedrun_reaches_99_percent_in_2_epochs(tmp_path_factory):
-    """experiment=speedrun is timed on a GPU (README); its accuracy is checked here, on CPU, with the same config."""
+    """experiment=speedrun is timed on a GPU (docs/performance.md); its accuracy is checked here, on CPU, with the same config."""
     metrics = train_real(tmp_path_factory, "experiment=speedrun")
     assert metrics["test/acc"] >= 0.99 and metrics["time/fit_seconds"] > 0

@@ -64,7 +64,7 @@ def test_matmul_benchmark_prints_a_table_for_each_dtype():
 
 @pytest.mark.slow  # about 10 s: a two-epoch run in a process of its own
 def test_time_calls_times_each_logged_value_logger_write_and_checkpoint():
-    """scripts/time_calls.py (README, Performance): a row for each self.log key, the logger's write and flush, and
+    """scripts/time_calls.py (docs/performance.md): a row for each self.log key, the logger's write and flush, and
     the checkpoints with the torch.save and fsync inside them, each counted per epoch and timed."""
     done = run_script("time_calls.py", *QUADRANTS, "trainer.max_epochs=2")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -80,6 +80,7 @@ def test_time_calls_times_each_logged_value_logger_write_and_checkpoint():
     assert all(median > 0 for _, median in table.values())
 
 
+@pytest.mark.slow  # about 3 s each: a process of its own that imports torch
 @pytest.mark.parametrize("script", ["bench_transfer.py", "bench_relu_kernel.py"])
 def test_gpu_benchmarks_say_they_need_a_gpu_on_cpu(script):
     if torch.cuda.is_available():
@@ -251,7 +252,7 @@ def test_a_ratio_is_the_median_of_epochs_paired_in_time():
 
 
 def test_instruction_count_without_valgrind_is_one_message(tmp_path):
-    """scripts/step_instructions.py (README, Performance) needs valgrind; without it: one line, exit 1, no traceback."""
+    """scripts/step_instructions.py (docs/performance.md) needs valgrind; without it: one line, exit 1, no traceback."""
     python_only = tmp_path / "bin"
     python_only.mkdir()
     (python_only / "python").symlink_to(sys.executable)

@@ -58,6 +58,7 @@ def test_every_format_is_saved_with_its_size_the_tasks_test_metrics_and_latency(
     assert (exported / "export.md").read_text().startswith("| format | file | size (KB) | test/acc (%) | ms, batch 1 | ms, batch 64 |")
 
 
+@pytest.mark.slow  # about 6 s: a Python process of its own that imports torch and torchao
 def test_every_program_runs_in_a_process_that_never_imports_this_package(exported):
     files = [str(exported / f"{fmt}.pt2") for fmt in ("fp32", "fp16", "bf16", "int8")]
     done = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, *files], capture_output=True, text=True, timeout=300)

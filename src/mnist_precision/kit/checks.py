@@ -41,6 +41,10 @@ def check_config(cfg: DictConfig) -> None:
             problems += _check_number(cfg, f"trainer.{key}", integer=True, minimum=minimum)
     if "precision" in cfg.trainer:  # what a lightning-hydra-template user types; Trainer would take it over ours
         problems.append(f"trainer.precision is not read here: precision is its own config group. Use precision={cfg.trainer.precision}")
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if OmegaConf.select(cfg, "precision.name") in ("16-master", "bf16-master") and ("fsdp" in strategy or "deepspeed" in strategy):
+        problems.append(f"precision={cfg.precision.name} cannot be combined with strategy={strategy}: that strategy shards the "
+                        "parameters and keeps its own FP32 copies. Use its own mixed precision (precision=bf16-mixed) or strategy=ddp.")
     if cfg.matmul_precision not in ("highest", "high", "medium"):
         problems.append(f"matmul_precision must be highest, high or medium, got {cfg.matmul_precision!r}")
     problems += _check_devices(cfg.trainer)

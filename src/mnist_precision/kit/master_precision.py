@@ -62,6 +62,8 @@ class MasterCopyPrecision(TruePrecision):
         self.dynamic = loss_scale == "dynamic"
         if not self.dynamic and (isinstance(loss_scale, str) or not float(loss_scale) > 0):
             raise ValueError(f"precision.loss_scale must be 'dynamic' or a number > 0, got {loss_scale!r}")
+        if not init_scale > 0:
+            raise ValueError(f"precision.init_scale must be > 0, got {init_scale}")
         if not growth_factor > 1:
             raise ValueError(f"precision.growth_factor must be > 1, got {growth_factor}")
         if not 0 < backoff_factor < 1:
@@ -93,7 +95,7 @@ class MasterCopyPrecision(TruePrecision):
         fp32 = {name: p for name, p in module.named_parameters() if p.is_floating_point()}
         self.masters = {name: p.detach().float().clone() for name, p in fp32.items()}
         super().convert_module(module)
-        halves = {name: p for name, p in fp32.items() if p.dtype == self._desired_input_dtype}
+        halves = {name: p for name, p in fp32.items() if p.dtype == self.dtype}
         self.masters = {name: master for name, master in self.masters.items() if name in halves}
         self._half_to_master = {p: self.masters[name] for name, p in halves.items()}
         return module

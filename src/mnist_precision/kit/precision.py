@@ -28,6 +28,10 @@ class TruePrecision(HalfPrecision):
     - torchmetrics' states stay FP32 (a float16 sum stops counting at 2048).
     """
 
+    def __init__(self, precision: str = "16-true") -> None:
+        super().__init__(precision)  # type: ignore[arg-type]
+        self.dtype = torch.bfloat16 if precision == "bf16-true" else torch.float16
+
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         self._to_half(module)
@@ -44,10 +48,10 @@ class TruePrecision(HalfPrecision):
         if not self.keeps_fp32(module):
             for parameter in module.parameters(recurse=False):
                 if parameter.is_floating_point():
-                    parameter.data = parameter.data.to(self._desired_input_dtype)
+                    parameter.data = parameter.data.to(self.dtype)
             for name, buffer in module.named_buffers(recurse=False):
                 if buffer.is_floating_point():
-                    setattr(module, name, buffer.to(self._desired_input_dtype))
+                    setattr(module, name, buffer.to(self.dtype))
         for child in module.children():
             self._to_half(child)
 
@@ -72,7 +76,6 @@ def precision_arguments(precision: DictConfig, trainer: DictConfig) -> dict[str,
 
     name = precision.name
     if name in MASTER:
-        check_master_copy_strategy(name, trainer)
         settings = {key: value for key, value in precision.items() if key != "name"}
         try:
             return {"plugins": [MasterCopyPrecision(name, device="cpu" if runs_on_cpu(trainer.accelerator) else "cuda", **settings)]}
@@ -85,15 +88,6 @@ def precision_arguments(precision: DictConfig, trainer: DictConfig) -> dict[str,
         # float16 autocast and GradScaler on CPU, so ask for them explicitly: 16-mixed means float16.
         return {"plugins": [MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))]}
     return {"precision": name}
-
-
-def check_master_copy_strategy(name: str, trainer: DictConfig) -> None:
-    strategy = str(trainer.get("strategy", "auto"))
-    if "fsdp" in strategy or "deepspeed" in strategy:
-        raise UserError(
-            f"precision={name} cannot be combined with strategy={strategy}: that strategy shards the parameters and keeps "
-            "its own FP32 copies. Use its own mixed precision (precision=bf16-mixed) or strategy=ddp."
-        )
 
 
 def runs_on_cpu(accelerator: str) -> bool:

@@ -63,6 +63,12 @@ def _skip_inherited(owner: object, base: type) -> None:
             setattr(owner, name, None)
 
 
+def epochs_trained(checkpoint: dict) -> int:
+    """How many epochs a Lightning checkpoint's fit loop has finished training. The checkpoint's `loops` entry is the
+    fit loop's private state; Lightning has no public reader for it (`checkpoint["epoch"]` is the epoch it was in)."""
+    return checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+
+
 def found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> Tensor:
     """GradScaler's inf/NaN flag from `scaler.unscale_(optimizer)`, summed over devices, left on the device.
 

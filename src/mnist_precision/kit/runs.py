@@ -244,7 +244,9 @@ def check_training_left(trainer: Any, ckpt_path: str, how: str) -> None:
 
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     check_layout(checkpoint, trainer, how)
-    epochs = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]  # epochs whose training ended
+    from mnist_precision.kit.private_api import epochs_trained
+
+    epochs = epochs_trained(checkpoint)
     steps = checkpoint["global_step"]
     done = f"{how}: the checkpoint has trained {epochs} epoch(s), {steps} step(s)"
     train = command_name("train")
