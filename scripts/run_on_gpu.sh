@@ -6,7 +6,7 @@
 # torchvision and tensorboard), prepare on the development machine, in the repository root:
 #   echo /.whl/ >> .git/info/exclude; echo /.mnist/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 --platform any -d .whl hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
+#       --platform manylinux2014_x86_64 --platform any -d .whl hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 torchdata==0.11.0
 #   mkdir -p .mnist/MNIST/raw && cp "$MNIST_ROOT"/MNIST/raw/*.gz .mnist/MNIST/raw/   # torchvision unpacks them there
 # and run this script there with .whl and .mnist carried. It writes every table under $OUT (or ./gpu_out).
 set -euo pipefail
@@ -23,7 +23,7 @@ export MNIST_ROOT="${MNIST_ROOT:-$PWD/.mnist}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/gpu.txt"
 
-# 1. every precision x {mlp, cnn, convnet} on CUDA, 16-master == 16-mixed to the bit, data resident on the GPU,
+# 1. every precision x network on CUDA, 16-master == 16-mixed to the bit, the MNIST data resident on the GPU,
 #    and no host sync in a steady-state step under torch.cuda.set_sync_debug_mode("error")
 python3 -m pytest -q -p no:cacheprovider tests/kit/test_gpu.py tests/kit/test_host_syncs.py tests/mnist_task/test_mnist_module.py 2>&1 | tee "$OUT/tests.txt"
 

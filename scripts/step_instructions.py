@@ -70,7 +70,7 @@ def worker(run: str, tmp: str, overrides: list[str]) -> None:
     import torch
 
     from mnist_precision.kit.build import build_run, compose_training_config
-    from mnist_precision.tools.bench import first_optimizer, task_parts
+    from mnist_precision.tools.bench import first_optimizer, on_device, task_parts
 
     def callgrind(*args: str) -> None:  # the running callgrind's own switch, by process id
         subprocess.run(["callgrind_control", *args, str(os.getpid())], check=True, capture_output=True)
@@ -117,7 +117,7 @@ def worker(run: str, tmp: str, overrides: list[str]) -> None:
                 count.on_train_batch_start(None, None, None, batch_idx)
                 if epoch == 1:
                     return
-                loss = module.training_step(batch, batch_idx)
+                loss = module.training_step(on_device(datamodule, batch, torch.device("cpu")), batch_idx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -126,7 +126,7 @@ def worker(run: str, tmp: str, overrides: list[str]) -> None:
             module.eval()
             with torch.no_grad():
                 for batch_idx, batch in enumerate(validation):
-                    module.validation_step(batch, batch_idx)
+                    module.validation_step(on_device(datamodule, batch, torch.device("cpu")), batch_idx)
 
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=FIRST + STEPS, callbacks=[count])

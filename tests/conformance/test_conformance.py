@@ -61,6 +61,19 @@ def test_two_plus_two_epochs_equal_four(make_config, tmp_path, task, request):
     assert straight["lr_schedulers"] == resumed["lr_schedulers"]
 
 
+def test_an_epoch_end_resume_says_when_it_cannot_be_exact(make_config, tmp_path, task):
+    """Where the loader's epoch-end state does not resume exactly (torchdata's StatefulDataLoader, above), the resume
+    says so; elsewhere it says nothing."""
+    import warnings
+
+    train(make_config("trainer.max_epochs=1"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(make_config("trainer.max_epochs=2", f"resume={tmp_path / 'run'}"))
+    said = [str(warning.message) for warning in caught if "meta-pytorch/data#1437" in str(warning.message)]
+    assert bool(said) == (task == quadrants("stateful")), said
+
+
 def with_signal(step: int) -> list[str]:
     return ["+callbacks.fault._target_=fault_injection.SendSignalAtStep", f"+callbacks.fault.signum={int(signal.SIGTERM)}",
             f"+callbacks.fault.step={step}"]
@@ -109,12 +122,13 @@ class InfGradientAtStep(L.Callback):
             next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
 
 
-def test_a_step_the_loss_scaler_skipped_holds_a_per_step_schedule(make_config):
-    run = build_run(make_config("precision=16-master", "scheduler=exponential", "scheduler.interval=step", "trainer.max_epochs=1"))
+@pytest.mark.parametrize("precision", ["16-mixed", "16-master"])
+def test_a_step_the_loss_scaler_skipped_holds_a_per_step_schedule(make_config, precision):
+    run = build_run(make_config(f"precision={precision}", "scheduler=exponential", "scheduler.interval=step", "trainer.max_epochs=1"))
     run.trainer.callbacks.append(InfGradientAtStep(3))
     run.fit()
-    steps = run.trainer.global_step
-    assert run.trainer.precision_plugin.skipped_steps == 1
+    steps = run.trainer.global_step  # Lightning counts a skipped step as taken
+    assert run.trainer.precision_plugin.scaler.get_scale() < 2.0**16  # the scaler backed off once: the step was skipped
     assert run.trainer.lr_scheduler_configs[0].scheduler.last_epoch == steps - 1  # one scheduler step fewer than steps
 
 
@@ -129,14 +143,12 @@ def test_the_trained_model_exports_to_programs_that_load_and_run(run_main, tmp_p
 
     assert run_main(train_cli.main, "trainer.max_epochs=1").code == 0
     run_dir = next((tmp_path / "logs/train").iterdir())
-    exported = run_main(export_cli.main, f"ckpt_path={run_dir}/checkpoints/last.ckpt", "export.formats=[fp32,bf16]",
+    exported = run_main(export_cli.main, f"ckpt_path={run_dir}/checkpoints/last.ckpt", "export.formats=[fp32]",
                         "export.latency_runs=2", fast=False)
     assert exported.code == 0, exported.stderr[-2000:]
-    for fmt in ("fp32", "bf16"):
-        program = torch.export.load(run_dir / "export" / f"{fmt}.pt2").module()
-        run = build_run_for(run_dir)
-        inputs = next(iter(run.datamodule.test_dataloader()))[0][:4]
-        assert program(inputs).dtype == torch.float32 and program(inputs).shape[0] == 4
+    program = torch.export.load(run_dir / "export/fp32.pt2").module()
+    inputs = next(iter(build_run_for(run_dir).datamodule.test_dataloader()))[0][:4]
+    assert program(inputs).dtype == torch.float32 and program(inputs).shape[0] == 4  # (every format: tests/tools)
 
 
 def build_run_for(run_dir: Path):

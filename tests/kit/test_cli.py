@@ -30,11 +30,11 @@ def test_train_writes_a_run_dir_then_eval_tests_it_with_the_run_config(run_main,
                 "throughput/samples_per_sec"]:
         assert tag in tags["scalars"], tag
 
-    train_acc = float(result.stdout.split("test/acc=")[1].split()[0])
+    test_acc = float(result.stdout.split("test/acc=")[1].split()[0])
     best = next((run_dir / "checkpoints").glob("best_*.ckpt"))
     evaluated = run_main(eval_cli.main, f"ckpt_path={best}", fast=False)
     assert evaluated.code == 0, evaluated.stderr
-    assert f"test/acc={train_acc:.4f}" in evaluated.stdout  # same model, same precision, same data: same accuracy
+    assert f"test/acc={test_acc:.4f}" in evaluated.stdout  # same model, same precision, same data: same accuracy
     eval_dir = only_run_dir(tmp_path / "logs", "eval")
     eval_overrides = yaml.safe_load((eval_dir / ".hydra/overrides.yaml").read_text())
     assert "net=quadrants_cnn" in eval_overrides and "precision=bf16-mixed" in eval_overrides
@@ -74,7 +74,7 @@ def test_multirun_sweeps_precision_and_network(run_main, tmp_path):
     overrides = [yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) for job in jobs]
     # Each job's directory, and so its TensorBoard run name, says what its overrides are (sorted, then cut at 80).
     named = [sorted(o.replace("'", "") for o in job if not o.startswith("paths.log_dir=")) for job in overrides]  # paths excluded
-    assert [job.name for job in jobs] == [f"{n}_" + ",".join(job)[:80] for n, job in enumerate(named)]
+    assert [job.name for job in jobs] == [f"{n}_" + ",".join(job).replace("/", "-")[:80] for n, job in enumerate(named)]
     combos = {frozenset(o for o in job if o.startswith(("precision=", "net="))) for job in overrides}
     assert combos == {frozenset({f"precision={p}", f"net={m}"}) for p in ("'32'", "bf16-mixed") for m in ("quadrants_mlp", "quadrants_cnn")}
     assert all((job / "tensorboard").is_dir() for job in jobs)
@@ -343,3 +343,23 @@ def test_ckpt_path_past_the_runs_max_epochs_is_one_message_not_lightnings_except
     assert result.code == 1 and "Misconfiguration" not in result.stderr
     assert result.stderr.startswith(f"error: ckpt_path={last}: the checkpoint has trained 3 epoch(s), 24 step(s), and trainer.max_epochs=2")
     assert run_main(train_cli.main, "trainer.max_steps=24", "trainer.max_epochs=-1", f"ckpt_path={last}").code == 1  # max_steps too
+
+
+@pytest.mark.parametrize("named", ["run dir", "checkpoints dir"])
+def test_ckpt_path_a_run_directory_takes_its_last_checkpoint_and_says_so(run_main, tmp_path, named):
+    assert run_main(train_cli.main, "trainer.max_epochs=1").code == 0
+    run_dir = only_run_dir(tmp_path / "logs")
+    given = run_dir if named == "run dir" else run_dir / "checkpoints"
+    evaluated = run_main(eval_cli.main, f"ckpt_path={given}", fast=False)
+    assert evaluated.code == 0, evaluated.stderr
+    assert f"ckpt_path={given}: taking {run_dir / 'checkpoints/last.ckpt'}" in evaluated.stdout and "test/acc=" in evaluated.stdout
+
+
+def test_ckpt_path_a_directory_without_a_checkpoint_lists_what_it_holds(run_main, tmp_path):
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("")
+    result = run_main(eval_cli.main, f"ckpt_path={empty}", fast=False)
+    assert result.code == 1 and result.stderr.strip() == (
+        f"error: ckpt_path={empty}: {empty} is a directory without a checkpoints/last.ckpt (it holds: notes.txt). "
+        "Name a checkpoint file, or a run directory.")

@@ -1,6 +1,6 @@
 """On a CUDA GPU (issue 9, part C): every precision and network trains and tests there, and the master-copy plugin equals
 autocast to the bit as on CPU. Skipped where torch sees no CUDA GPU (CI); `scripts/run_on_gpu.sh` runs them, with the
-figures, on a lent GPU machine. (The MNIST task's resident data on the GPU: mnist_task/test_mnist_data.py.)"""
+figures, on a lent GPU machine. (The MNIST task's resident data on the GPU: mnist_task/test_mnist_module.py.)"""
 
 from __future__ import annotations
 

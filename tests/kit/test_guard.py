@@ -14,11 +14,11 @@ from support import task_command, task_env
 from mnist_precision.kit.build import build_run
 from mnist_precision.kit.errors import TrainingDiverged
 
-ONE_EPOCH = ["trainer.max_epochs=2", "trainer.log_every_n_steps=50", "trainer.limit_val_batches=1"]  # 8 steps an epoch
+TWO_EPOCHS = ["trainer.max_epochs=2", "trainer.log_every_n_steps=50", "trainer.limit_val_batches=1"]  # 8 steps an epoch
 
 
 def fit(make_config, *overrides: str, poison: list[int] = ()):
-    run = build_run(make_config(*ONE_EPOCH, *overrides))
+    run = build_run(make_config(*TWO_EPOCHS, *overrides))
     run.trainer.callbacks.append(PoisonInputAtSteps(list(poison)))
     run.trainer.fit(run.model, datamodule=run.datamodule)
     return run
@@ -55,7 +55,7 @@ class RecordScaledLosses(L.Callback):
 def test_the_guard_judges_the_models_loss_not_the_scaled_one(make_config):
     """A scale of 3e38 makes the scaled loss inf although the model's loss is about 1.4 and every gradient is
     finite (bfloat16 has float32's range): nothing is wrong, and training goes on without a skip (issue 16, point 2)."""
-    run = build_run(make_config(*ONE_EPOCH, "precision=bf16-master", "precision.loss_scale=dynamic", "precision.init_scale=3.0e+38"))
+    run = build_run(make_config(*TWO_EPOCHS, "precision=bf16-master", "precision.loss_scale=dynamic", "precision.init_scale=3.0e+38"))
     scaled = RecordScaledLosses()
     run.trainer.callbacks.append(scaled)
     run.trainer.fit(run.model, datamodule=run.datamodule)

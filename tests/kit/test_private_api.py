@@ -14,8 +14,10 @@ from mnist_precision.kit.build import build_run
 from mnist_precision.kit.private_api import (
     NORM_LAYERS,
     TRAINING_STEP_HOOKS,
+    batches_processed_this_epoch,
     epochs_trained,
     found_inf,
+    run_after_closure,
     saves_within_epochs,
     should_log_this_step,
     skip_inherited_step_hooks,
@@ -147,3 +149,27 @@ def test_epochs_trained_is_the_count_of_epochs_a_checkpoint_finished(make_config
     assert epochs_trained(torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)) == 2
     train(make_config("trainer.max_epochs=3", f"resume={tmp_path / 'run'}"))
     assert epochs_trained(torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)) == 3
+
+
+def test_batches_processed_this_epoch_counts_the_epochs_trained_batches(tmp_path):
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((batch_idx, batches_processed_this_epoch(trainer)))
+
+    fit_tiny(tmp_path, TinyRegression(), [Record()], batches=3)
+    assert seen == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_run_after_closure_calls_the_optimizer_step_hooks_then_clips(monkeypatch):
+    calls = []
+    model = TinyRegression()
+    model.trainer = L.Trainer(gradient_clip_val=0.5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                              enable_model_summary=False, callbacks=[])
+    model.trainer.strategy.connect(model)  # what a fit does before its first step
+    plugin = model.trainer.precision_plugin
+    monkeypatch.setattr(model, "on_before_optimizer_step", lambda optimizer: calls.append("hook"))
+    monkeypatch.setattr(plugin, "clip_gradients", lambda optimizer, clip_val, gradient_clip_algorithm: calls.append(("clip", clip_val)))
+    run_after_closure(plugin, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert calls == ["hook", ("clip", 0.5)]

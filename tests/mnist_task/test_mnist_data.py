@@ -50,22 +50,28 @@ def test_labels_are_integers_and_images_in_unit_range(mnist_root):
     assert images.min() >= 0 and images.max() == 1
 
 
-def test_normalize_standardises_with_mnist_mean_and_std(mnist_root):
-    plain = make_datamodule(mnist_root, normalize=False).splits["test"][0]
-    normalized = make_datamodule(mnist_root, normalize=True).splits["test"][0]
-    torch.testing.assert_close(normalized, (plain - MNIST_MEAN) / MNIST_STD)
+def test_batches_are_standardised_on_the_device_with_mnist_mean_and_std(mnist_root):
+    """The splits stay in [0, 1]; a batch is standardised after it reaches the device (on_after_batch_transfer), by the
+    data module's `transform`, which mnist-export puts in front of the exported model."""
+    normalized, plain = make_datamodule(mnist_root, normalize=True), make_datamodule(mnist_root, normalize=False)
+    images, labels = normalized.splits["test"]
+    assert torch.equal(images, plain.splits["test"][0]) and images.min() >= 0 and images.max() == 1
+    standardised, same_labels = normalized.on_after_batch_transfer((images, labels), 0)
+    torch.testing.assert_close(standardised, (images - MNIST_MEAN) / MNIST_STD)
+    assert same_labels is labels
+    assert torch.equal(plain.on_after_batch_transfer((images, labels), 0)[0], images)
 
 
 def test_batches_equal_a_naive_per_sample_pipeline(mnist_root):
-    """The vectorised loader gives exactly what indexing torchvision's dataset one sample at a time gives."""
+    """The vectorised loader and the device-side transform give exactly what indexing torchvision's dataset one sample
+    at a time, with the usual per-sample transforms, gives."""
     dm = make_datamodule(mnist_root)
-    loader = dm.test_dataloader()
     dataset = MNIST(mnist_root, train=False)
     reference = Compose([ToTensor(), Normalize((MNIST_MEAN,), (MNIST_STD,))])  # the usual per-sample pipeline
     naive_images = torch.stack([reference(dataset[i][0]) for i in range(N_TEST)])
     naive_targets = torch.tensor([dataset[i][1] for i in range(N_TEST)])
-    got_images, got_targets = map(torch.cat, zip(*loader, strict=True))
-    torch.testing.assert_close(got_images, naive_images, rtol=0, atol=1e-6)  # (x/255 - m)/s vs ToTensor's order
+    got_images, got_targets = map(torch.cat, zip(*(dm.on_after_batch_transfer(batch, 0) for batch in dm.test_dataloader()), strict=True))
+    torch.testing.assert_close(got_images, naive_images, rtol=0, atol=1e-6)
     assert torch.equal(got_targets, naive_targets)
 
     train_loader = dm.train_dataloader()
@@ -186,5 +192,5 @@ def test_the_per_sample_pipeline_serves_the_same_splits_through_a_dataloader(mni
     loader = per_sample.val_dataloader()
     assert isinstance(loader, torch.utils.data.DataLoader) and not hasattr(loader, "state_dict")
     images, labels = map(torch.cat, zip(*loader, strict=True))
-    torch.testing.assert_close(images, resident.splits["val"][0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(images, resident.splits["val"][0], rtol=0, atol=1e-6)  # in [0, 1], as the resident ones
     assert torch.equal(labels, resident.splits["val"][1])

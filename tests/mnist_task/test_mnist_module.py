@@ -27,7 +27,7 @@ def test_val_loss_and_acc_are_the_mean_loss_and_accuracy_over_every_validation_i
     model, loss_sum, correct, images_seen = run.model.eval(), 0.0, 0, 0
     with torch.no_grad():
         for images, labels in run.datamodule.val_dataloader():
-            logits = model(images)
+            logits = model(run.datamodule.transform(images))
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == labels).sum())
             images_seen += len(images)
@@ -94,7 +94,8 @@ def test_prediction_grid_frames_wrong_predictions_in_red():
     assert "**2 (0)**" in prediction_table(preds, labels)
 
 
-def test_every_network_trains_under_every_master_copy_precision(make_config):
+@pytest.mark.slow  # about 3 s: four networks
+def test_every_network_trains_under_the_master_copy(make_config):
     for net in ("mlp", "cnn", "convnet", "speedrun_cnn"):
         metrics = train(make_config(f"net={net}", "precision=16-master", "debug=fdr"))
         assert torch.isfinite(torch.tensor(metrics["train/loss_epoch"])), net
@@ -148,3 +149,28 @@ def test_data_on_device_auto_keeps_the_splits_on_the_gpu(make_config):
     run = build_run(make_config("trainer=gpu", *LIMITS, "data.on_device=auto"))
     run.fit()
     assert all(images.is_cuda and labels.is_cuda for images, labels in run.datamodule.splits.values())
+
+
+@pytest.mark.slow  # about 15 s: a run, then its export in every format with int8's calibration
+def test_exported_programs_take_images_in_unit_range_and_standardise_them_themselves(run_main, tmp_path):
+    """The data module standardises on the device (its `transform`); mnist-export puts that in front of the model, so a
+    program takes images in [0, 1], as a deployed one is given them."""
+    import json
+
+    from mnist_precision.task.data import MNIST_MEAN, MNIST_STD
+    from mnist_precision.tools import export as export_cli
+
+    assert run_main(train_cli.main, "precision=16-master", "trainer.max_epochs=2").code == 0
+    run_dir = only_run_dir(tmp_path / "logs")
+    assert run_main(export_cli.main, f"ckpt_path={run_dir}", "export.latency_runs=2", fast=False).code == 0
+    results = json.loads((run_dir / "export/export.json").read_text())
+    assert results["int8"]["bytes"] <= 0.35 * results["fp32"]["bytes"] and results["fp16"]["bytes"] < 0.6 * results["fp32"]["bytes"]
+    assert all(abs(row["test/acc"] - results["fp32"]["test/acc"]) <= 0.02 for row in results.values())
+    images = torch.rand(5, 1, 28, 28)
+    module = MNISTClassifier.load_from_checkpoint(run_dir / "checkpoints/last.ckpt", map_location="cpu").eval()
+    from mnist_precision.kit.master_precision import fp32_state_dict
+
+    module.load_state_dict(fp32_state_dict(load(run_dir / "checkpoints/last.ckpt")))
+    with torch.no_grad():
+        expected = module.float()((images - MNIST_MEAN) / MNIST_STD)
+        torch.testing.assert_close(torch.export.load(run_dir / "export/fp32.pt2").module()(images), expected, rtol=1e-4, atol=1e-4)

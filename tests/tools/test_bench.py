@@ -197,7 +197,7 @@ def test_bench_variants_need_the_template_at_precision_32_to_compare_with():
 class SlowParent:
     """The parent's end of a worker's connection, as seen by the worker: every "go" comes WAIT seconds later."""
 
-    WAIT = 1.0
+    WAIT = 0.5
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, object]] = []

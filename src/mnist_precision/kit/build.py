@@ -1,8 +1,8 @@
 """Builds a run from its config: the task's data module and LightningModule, and the Trainer with the machinery around
 them (precision plugins, checkpoint IO, callbacks, loggers), then applies the guarantees and speedups to the module.
 
-The whole contract with the task is here and in conf/train.yaml: `data` and `model` are built with
-`hydra.utils.instantiate` from their `_target_`, whatever classes they name (docs/adapting.md).
+`data` and `model` are built with `hydra.utils.instantiate` from their `_target_`, whatever classes they name; what
+the machinery needs of them is the contract in docs/adapting.md.
 """
 
 from __future__ import annotations

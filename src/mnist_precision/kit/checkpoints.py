@@ -109,6 +109,7 @@ class LastCheckpoint(ModelCheckpoint):
         self._saved_mid_epoch_at = -1  # the global step of the exact mid-epoch save, if the run stopped there
         self._cut_short: tuple[int, int, int] | None = None  # (epoch, batches trained, batches) of an inexact save
         self._restarted: tuple[int, int, int] | None = None  # the same, for a mid-epoch save of a loader with no position
+        self._torchdata_epoch_end: int | None = None  # the epoch whose end was saved with a torchdata loader's state (below)
         self.exact = True  # whether the last save holds the exact state (see above)
 
     @property
@@ -165,13 +166,17 @@ class LastCheckpoint(ModelCheckpoint):
                 self._cut_short = (trainer.current_epoch, self._batch_idx + 1, trainer.num_training_batches)
                 super().on_train_epoch_end(trainer, pl_module)
             return
+        if is_torchdata_loader(trainer.train_dataloader):
+            self._torchdata_epoch_end = trainer.current_epoch
         super().on_train_epoch_end(trainer, pl_module)
+        self._torchdata_epoch_end = None
         epoch = trainer.current_epoch
         if self.keep_every_n_epochs and (epoch + 1) % self.keep_every_n_epochs == 0 and self._saves_now(trainer):
             self._save(trainer, os.path.join(self.dirpath, f"epoch_{epoch:03d}{self.FILE_EXTENSION}"))
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "cut_short": self._cut_short, "restarted": self._restarted}
+        return {**super().state_dict(), "cut_short": self._cut_short, "restarted": self._restarted,
+                "torchdata_epoch_end": self._torchdata_epoch_end}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -188,6 +193,12 @@ class LastCheckpoint(ModelCheckpoint):
                 f"its position, so the other {batches - trained} batches come from a fresh pass over it, not the ones an "
                 "uninterrupted run would have trained on (a loader with state_dict/load_state_dict, such as torchdata's "
                 "StatefulDataLoader, resumes exactly)."
+            )
+        if state_dict.get("torchdata_epoch_end") is not None:
+            rank_zero_warn(
+                f"resuming after the end of epoch {state_dict['torchdata_epoch_end']}, not exactly: torchdata's StatefulDataLoader "
+                "restores a state saved after an epoch's last batch as a pass with nothing left, not as the next epoch's "
+                "start (meta-pytorch/data#1437), so the batches from here on differ from an uninterrupted run's."
             )
 
     @staticmethod
@@ -239,3 +250,9 @@ def loader_saves_position(loader: Any) -> bool:
     `state_dict` and `load_state_dict` (and for each of a collection of them)."""
     loaders = loader.values() if isinstance(loader, dict) else loader if isinstance(loader, (list, tuple)) else [loader]
     return all(callable(getattr(item, "state_dict", None)) and callable(getattr(item, "load_state_dict", None)) for item in loaders)
+
+
+def is_torchdata_loader(loader: Any) -> bool:
+    """Whether a training loader is (or holds) one of torchdata's: their epoch-end states do not resume exactly."""
+    loaders = loader.values() if isinstance(loader, dict) else loader if isinstance(loader, (list, tuple)) else [loader]
+    return any(type(item).__module__.startswith("torchdata.") for item in loaders)

@@ -1,8 +1,9 @@
-"""Every check of the configuration made before any work, in one place: each bad value is one message naming its key.
+"""The checks of a composed configuration, made before any work: each bad value is one message naming its key.
 
 Hydra checks types and unknown keys while composing (schema.py); `check_config` checks ranges and combinations;
 `signature_problems` checks a third-party target's arguments against its own annotations; the optimizer and scheduler
-are built and stepped on a stand-in; the built module is checked by `check_model`.
+are built and stepped on a stand-in; the built module is checked by `check_model`. (What the command line asks of
+run directories and launchers is checked before Hydra composes anything: runs.py.)
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def check_config(cfg: DictConfig) -> None:
             problems += _check_number(cfg, f"trainer.{key}", integer=True, minimum=minimum)
     if "precision" in cfg.trainer:  # what a lightning-hydra-template user types; Trainer would take it over ours
         problems.append(f"trainer.precision is not read here: precision is its own config group. Use precision={cfg.trainer.precision}")
+    if OmegaConf.select(cfg, "monitor.mode") not in ("min", "max"):
+        problems.append(f"monitor.mode must be min or max, got {OmegaConf.select(cfg, 'monitor.mode')!r}")
+    if not isinstance(OmegaConf.select(cfg, "monitor.metric"), str) or not OmegaConf.select(cfg, "monitor.metric"):
+        problems.append(f"monitor.metric must name a logged metric (val/acc, val/loss, ...), got {OmegaConf.select(cfg, 'monitor.metric')!r}")
+    if not isinstance(cfg.get("test"), bool):
+        problems.append(f"test must be true or false, got {cfg.get('test')!r}")
     strategy = str(cfg.trainer.get("strategy", "auto"))
     if OmegaConf.select(cfg, "precision.name") in ("16-master", "bf16-master") and ("fsdp" in strategy or "deepspeed" in strategy):
         problems.append(f"precision={cfg.precision.name} cannot be combined with strategy={strategy}: that strategy shards the "
@@ -182,7 +189,7 @@ def check_model(model: L.LightningModule) -> None:
         raise UserError(f"model: {type(model).__qualname__} is not a LightningModule (model._target_ must build one).")
     empty = [f"{name} {tuple(parameter.shape)}" for name, parameter in model.named_parameters() if parameter.numel() == 0]
     if empty:
-        raise UserError(f"model: layers with no weights cannot train: {', '.join(empty)}. Check the network's sizes (net.*).")
+        raise UserError(f"model: layers with no weights cannot train: {', '.join(empty)}. Check the network's sizes.")
     objects = [f"{name} ({type(value).__qualname__})" for name, value in model.hparams.items() if not plain(value)]
     if objects:
         raise UserError(

@@ -17,8 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# Final metrics the run does not log as scalars itself; TensorBoard's HParams tab shows every scalar of a run (test/acc,
-# test/loss, val/acc_best, samples/s, ...) beside its knobs, these included.
+# Final metrics the run does not log as scalars itself, written here as scalars; TensorBoard's HParams tab shows every
+# scalar of a run (test/acc, samples/s, ... and these) beside its knobs.
 WRITTEN_HERE = ("memory/peak_mb", "time/fit_seconds", "time/wall_seconds")  # and the monitored metric's best
 DASHBOARD_SUFFIX = ".dashboard"
 

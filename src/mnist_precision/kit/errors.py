@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NoReturn
 
+from mnist_precision.kit.config import command_name
+
 LOG = logging.getLogger("mnist_precision")
 
 
@@ -91,7 +93,7 @@ def explain_checkpoint_mismatch(ckpt_path: str | None) -> Iterator[None]:
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
         raise UserError(
             f"{ckpt_path} was written for a different model than the one configured ({detail[:200]}). "
-            "Pass the net= (and precision=) the checkpoint was trained with."
+            "Pass the network and precision overrides the checkpoint was trained with (net=..., precision=...)."
         ) from None
 
 
@@ -128,8 +130,6 @@ def explain_full_disk(error: Exception, run_dir: Path) -> Exception:
         return error
     what = error.filename or "the run's files (TensorBoard events)"
     last = run_dir / "checkpoints" / "last.ckpt"
-    from mnist_precision.kit.config import command_name  # (config imports this module)
-
     then = (f"The checkpoints already written are intact; once there is room, continue with: {command_name('train')} resume={run_dir}"
             if last.is_file() else "No checkpoint had been written yet.")
     return RunFailed(f"could not write {what}: {os.strerror(error.errno)}. {then}")

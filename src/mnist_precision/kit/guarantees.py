@@ -9,11 +9,15 @@ from typing import Any
 import lightning as L
 import torch
 
+from mnist_precision.kit.private_api import batches_processed_this_epoch
+
 
 def apply(trainer: L.Trainer, model: L.LightningModule) -> None:
     trainer.callbacks.append(RandomState())
-    if hasattr(trainer.precision_plugin, "skipped_last_step"):
-        hold_schedule_on_skipped_steps(model, trainer.precision_plugin)
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:  # 16-mixed, 16-master, bf16-master
+        hold = HoldScheduleOnSkippedSteps(model.lr_scheduler_step)
+        trainer.callbacks.append(hold)
+        model.lr_scheduler_step = hold.step
 
 
 class RandomState(L.Callback):
@@ -33,7 +37,7 @@ class RandomState(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         state = self._current()
         trainer = getattr(self, "_trainer", None)
-        state["mid_epoch"] = trainer is not None and trainer.fit_loop.epoch_loop.batch_progress.current.processed < trainer.num_training_batches
+        state["mid_epoch"] = trainer is not None and batches_processed_this_epoch(trainer) < trainer.num_training_batches
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -62,16 +66,38 @@ class RandomState(L.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def hold_schedule_on_skipped_steps(model: L.LightningModule, plugin: Any) -> None:
-    """A step the loss scaler skipped (inf/NaN gradients) changed no weights: a scheduler that steps with every
-    optimizer step stays where it is. Wraps the module's `lr_scheduler_step` (Lightning's hook for stepping a
-    scheduler, overridden or not); reading the flag is a device sync, so only for schedulers with interval "step"."""
-    step = model.lr_scheduler_step
+class HoldScheduleOnSkippedSteps(L.Callback):
+    """A step the loss scaler skipped (inf/NaN gradients) changed no weights: a scheduler that steps with every optimizer
+    step stays where it is. It stands in for the module's `lr_scheduler_step` (Lightning's hook for stepping a
+    scheduler, the module's own or Lightning's default), and steps only schedulers of interval "step" that follow a
+    step the scaler made. Whether it did is a device sync, so it is read only for those schedulers: the master copy's
+    flag, or a drop of the loss scale (a dynamic scaler backs off exactly on a skipped step)."""
 
-    def lr_scheduler_step(scheduler: Any, metric: Any) -> None:
-        steps_with_optimizer = any(config.scheduler is scheduler and config.interval == "step" for config in model.trainer.lr_scheduler_configs)
-        if steps_with_optimizer and plugin.skipped_last_step:
+    def __init__(self, lr_scheduler_step: Any) -> None:
+        self.lr_scheduler_step = lr_scheduler_step
+        self._trainer: L.Trainer | None = None
+        self._scale = 0.0
+        self._decided: tuple[int, bool] = (-1, False)  # (global step, skipped) of the last decision
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer = trainer
+        self._scale = trainer.precision_plugin.scaler.get_scale()  # (a resumed run's, restored by now)
+
+    def step(self, scheduler: Any, metric: Any) -> None:
+        trainer = self._trainer
+        steps_with_optimizer = trainer is not None and any(
+            config.scheduler is scheduler and config.interval == "step" for config in trainer.lr_scheduler_configs)
+        if steps_with_optimizer and self._skipped(trainer.precision_plugin):
             return
-        step(scheduler, metric)
+        self.lr_scheduler_step(scheduler, metric)
 
-    model.lr_scheduler_step = lr_scheduler_step
+    def _skipped(self, plugin: Any) -> bool:
+        step = self._trainer.global_step
+        if self._decided[0] != step:  # once a step, whatever the number of schedulers
+            if hasattr(type(plugin), "skipped_last_step"):
+                skipped = plugin.skipped_last_step
+            else:
+                scale = plugin.scaler.get_scale()
+                skipped, self._scale = scale < self._scale, scale
+            self._decided = (step, skipped)
+        return self._decided[1]

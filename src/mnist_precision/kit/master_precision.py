@@ -21,13 +21,12 @@ from typing import Any, Callable, Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
 from mnist_precision.kit.precision import TruePrecision
-from mnist_precision.kit.private_api import NORM_LAYERS, found_inf
+from mnist_precision.kit.private_api import NORM_LAYERS, found_inf, run_after_closure
 
 MasterPrecision = Literal["16-master", "bf16-master"]
 
@@ -125,12 +124,6 @@ class MasterCopyPrecision(TruePrecision):
                 group["params"] = [self._half_to_master.get(p, p) for p in group["params"]]
         return model, optimizers, lr_schedulers
 
-    def convert_input(self, data: Any) -> Any:
-        """Cast the inputs of an (inputs, targets) batch; targets stay FP32 for the FP32 loss."""
-        if isinstance(data, (tuple, list)) and len(data) == 2:
-            return type(data)([super().convert_input(data[0]), data[1]])
-        return super().convert_input(data)
-
     def pre_backward(self, tensor: Tensor, module: "pl.LightningModule") -> Tensor:  # type: ignore[override]
         return super().pre_backward(self.scaler.scale(tensor.float()), module)
 
@@ -142,7 +135,7 @@ class MasterCopyPrecision(TruePrecision):
             return None  # training_step skipped backward
         self._gradients_to_masters()
         self.scaler.unscale_(optimizer)  # FP32 master gradients, unscaled, inf/NaN recorded on the device
-        self._after_closure(model, optimizer)  # on_before_optimizer_step hooks, then clipping
+        run_after_closure(self, model, optimizer)  # on_before_optimizer_step hooks, then clipping
         self._found_inf = found_inf(self.scaler, optimizer)
         # Skipped when found_inf: on the device for fused optimizers; others make GradScaler read the flag (a sync).
         step_output = self.scaler.step(optimizer, **kwargs)
@@ -161,12 +154,6 @@ class MasterCopyPrecision(TruePrecision):
         """Whether the last optimizer step was skipped: a device sync, so read only where the host must decide
         (a per-step LR schedule is held on a skipped step)."""
         return bool(self._found_inf)
-
-    def clip_gradients(
-        self, optimizer: Optimizer, clip_val: int | float = 0.0, gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM
-    ) -> None:
-        self.check_optimizer(optimizer, clip_val)
-        super().clip_gradients(optimizer, clip_val, gradient_clip_algorithm)  # on the optimizer's params: the masters
 
     @torch.no_grad()
     def _gradients_to_masters(self) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
 from mnist_precision.kit.errors import TrainingDiverged
@@ -133,7 +134,7 @@ class TrainingMonitor(L.Callback):
         if scaler is None:
             return
         pl_module.log("precision/loss_scale", scaler.get_scale(), on_step=True, on_epoch=False)
-        if hasattr(plugin, "skipped_steps"):
+        if hasattr(type(plugin), "skipped_steps"):  # (on the class: reading the property is a sync)
             pl_module.log("precision/skipped_steps", float(plugin.skipped_steps), on_step=True, on_epoch=False)
 
     def _stop_timer(self, pl_module: L.LightningModule) -> None:
@@ -154,8 +155,6 @@ def batch_size(batch: Any) -> int:
         return batch.size(0)
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0].size(0)
-    from lightning.pytorch.utilities.data import extract_batch_size
-
     return extract_batch_size(batch)
 
 

@@ -25,18 +25,29 @@ class TruePrecision(HalfPrecision):
 
     - the LightningModule's outputs are cast to FP32, so the loss computed from `self(x)` is FP32 (a half-precision
       log-softmax loses the small terms), and its gradient comes back through the cast;
-    - torchmetrics' states stay FP32 (a float16 sum stops counting at 2048).
+    - torchmetrics' states stay FP32 (a float16 sum stops counting at 2048);
+    - only a batch's inputs (a tensor batch, or a tuple or list's first item) are cast: targets stay as the data module
+      made them (a regression target would lose its precision in half).
     """
 
     def __init__(self, precision: str = "16-true") -> None:
         super().__init__(precision)  # type: ignore[arg-type]
         self.dtype = torch.bfloat16 if precision == "bf16-true" else torch.float16
+        self._fp32_outputs: Any = None  # the forward hook's handle
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         self._to_half(module)
-        module.register_forward_hook(outputs_to_fp32)
+        if self._fp32_outputs is not None:  # (called again for each stage of the same trainer: one hook is enough)
+            self._fp32_outputs.remove()
+        self._fp32_outputs = module.register_forward_hook(outputs_to_fp32)
         return module
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        if isinstance(data, (tuple, list)) and data:
+            return type(data)([super().convert_input(data[0]), *data[1:]])
+        return super().convert_input(data)
 
     def keeps_fp32(self, module: nn.Module) -> bool:
         """Whether a submodule keeps its own weights in FP32 (none here; the master copy keeps its norm layers)."""

@@ -1,6 +1,6 @@
 """Every use of a private Lightning or torch API in the template, in one place, each where no public one exists.
 
-A copied template lives through upgrades of both. `tests/test_private_api.py` checks each function here
+A copied template lives through upgrades of both. `tests/kit/test_private_api.py` checks each function here
 against the behaviour it stands for, so an upgrade that changes one fails there, by name, not somewhere deep
 in a training run.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor, nn
 
 # The normalisation layers the master copy keeps in FP32. torch's public classes share two private bases: BatchNorm1d-3d,
@@ -61,6 +62,18 @@ def _skip_inherited(owner: object, base: type) -> None:
     for name in TRAINING_STEP_HOOKS:
         if name not in vars(owner) and getattr(type(owner), name) is getattr(base, name):
             setattr(owner, name, None)
+
+
+def batches_processed_this_epoch(trainer: L.Trainer) -> int:
+    """The training batches of the current epoch that Lightning has run: its epoch loop's progress tracker, which has no
+    public reader."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
+def run_after_closure(plugin: Precision, model: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    """What Lightning's precision plugins do between the closure and the optimizer step: the `on_before_optimizer_step`
+    hooks, then gradient clipping (`Precision._after_closure`, private). The master copy runs it on its FP32 masters."""
+    plugin._after_closure(model, optimizer)
 
 
 def epochs_trained(checkpoint: dict) -> int:

@@ -56,8 +56,8 @@ class EpochLines(lightning_callbacks.ProgressBar):
         self._enabled = True
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The finished epoch's metrics are complete only now: train/loss_epoch and train/acc are logged by the
-        # LightningModule's own on_train_epoch_end, which runs after every callback's.
+        # The finished epoch's metrics are complete only now: a module's own on_train_epoch_end (where the MNIST module
+        # logs train/acc) runs after every callback's.
         self._report(trainer, trainer.current_epoch - 1)
         self._epoch_start = time.perf_counter()
 

@@ -34,7 +34,7 @@ def quote_values(argv: list[str]) -> list[str]:
     """Quote what Hydra's override grammar would misread.
 
     `precision=32` -> `precision='32'`: Hydra reads a bare 32 as an int, which it refuses as a config name.
-    `resume=logs/train/<time>_precision=16-master,model=cnn` -> quoted: run directories are named after their
+    `resume=logs/train/<time>_precision=16-master,net=cnn` -> quoted: run directories are named after their
     overrides, and a bare `=` or `,` in a value is a parse error or a sweep to Hydra.
     `experiment=null` -> `~experiment`: no experiment, as by default.
     """
@@ -172,8 +172,24 @@ def check_launcher(argv: list[str]) -> None:
                         "sbatch works (the cluster's login node), or try the same sweep here with hydra/launcher=submitit_local.")
 
 
+def checkpoint_file(value: str) -> Path:
+    """The checkpoint `ckpt_path=<value>` names: a file; a run directory or its checkpoints/, for its last.ckpt (said on
+    the console); a directory without one is refused with what it holds."""
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        return path
+    for candidate in (path / LAST_CHECKPOINT, path / LAST_CHECKPOINT.name):
+        if candidate.is_file():
+            print(f"ckpt_path={value}: taking {candidate}", flush=True)
+            return candidate
+    held = ", ".join(sorted(entry.name for entry in path.iterdir())[:12]) or "nothing"
+    raise UserError(f"ckpt_path={value}: {path} is a directory without a {LAST_CHECKPOINT} (it holds: {held}). "
+                    "Name a checkpoint file, or a run directory.")
+
+
 def train_argv(argv: list[str]) -> list[str]:
-    """Checks `ckpt_path=`; turns `resume=<run_dir>|latest` into the run's saved overrides + the new ones, run dir pinned."""
+    """Checks `ckpt_path=` (a file, or a run directory for its last.ckpt); turns `resume=<run_dir>|latest` into the run's
+    saved overrides + the new ones, run dir pinned."""
     check_group_overrides(argv)
     check_launcher(argv)
     if not asks_hydra_only(argv):
@@ -183,7 +199,9 @@ def train_argv(argv: list[str]) -> list[str]:
     if resume and ckpt:
         raise UserError("give either resume=<run_dir> (continue a run) or ckpt_path=<file> (new run from a checkpoint), not both.")
     if ckpt:
-        check_checkpoint(Path(ckpt).expanduser().resolve(), f"ckpt_path={ckpt}")
+        path = checkpoint_file(ckpt)
+        check_checkpoint(path, f"ckpt_path={ckpt}")
+        argv = [arg for arg in argv if override_key(arg) != "ckpt_path"] + [f"ckpt_path='{path}'"]
     if resume is None:
         return argv
     if any(arg in ("-m", "--multirun") for arg in argv):
@@ -199,14 +217,14 @@ def train_argv(argv: list[str]) -> list[str]:
 
 
 def eval_argv(argv: list[str]) -> list[str]:
-    """`ckpt_path=<file> ...` -> the overrides of the run that wrote the checkpoint + the new ones."""
+    """`ckpt_path=<file|run dir> ...` -> the overrides of the run that wrote the checkpoint + the new ones."""
     argv = quote_values(argv)
     if asks_hydra_only(argv):
         return argv
     ckpt = override_value(argv, "ckpt_path")
     if ckpt is None:
         raise UserError(f"{command_name('eval')} needs a checkpoint: {command_name('eval')} ckpt_path=logs/train/<run>/checkpoints/last.ckpt")
-    path = Path(ckpt).expanduser().resolve()
+    path = checkpoint_file(ckpt)
     check_checkpoint(path, f"ckpt_path={ckpt}")
     run_dir = path.parent.parent
     saved = saved_overrides(run_dir) if is_run_dir(run_dir) else []

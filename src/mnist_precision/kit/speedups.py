@@ -82,14 +82,21 @@ def pass_resident_batches_through(datamodule: L.LightningDataModule, model: L.Li
     asks first; a module or data module that overrides the hook keeps its own."""
     if datamodule is None or is_overridden("transfer_batch_to_device", datamodule) or is_overridden("transfer_batch_to_device", model):
         return
-    default = datamodule.transfer_batch_to_device
+    datamodule.transfer_batch_to_device = ResidentBatchesPassThrough(datamodule.transfer_batch_to_device).transfer
 
-    def transfer_batch_to_device(batch: Any, device: Any, dataloader_idx: int) -> Any:
+
+class ResidentBatchesPassThrough:
+    """The data module's `transfer_batch_to_device`, with resident batches handed back as they are. (An object's bound
+    method rather than a closure: Lightning reads the hook's code to see whether it is overridden, and a data module
+    holding it still pickles.)"""
+
+    def __init__(self, default: Any) -> None:
+        self.default = default
+
+    def transfer(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
         if type(batch) in (tuple, list) and all(isinstance(part, Tensor) and part.device == device for part in batch):
             return batch
-        return default(batch, device, dataloader_idx)
-
-    datamodule.transfer_batch_to_device = transfer_batch_to_device
+        return self.default(batch, device, dataloader_idx)
 
 
 class NoProfiler(PassThroughProfiler):

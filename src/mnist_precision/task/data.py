@@ -1,7 +1,9 @@
-"""MNIST as resident tensors: torchvision reads the IDX files once, each split then lives as a float image tensor
-and an integer label tensor (on the accelerator if asked), and a batch is one gather (kit.loaders.TensorBatchLoader).
+"""MNIST as resident tensors: torchvision reads the IDX files once, each split then lives as a float image tensor in
+[0, 1] and an integer label tensor (on the accelerator if asked), and a batch is one gather
+(kit.loaders.TensorBatchLoader). Standardising is the data module's `transform`, applied on the device after each
+batch arrives there: a model exported by `mnist-export` includes it, and takes images in [0, 1].
 
-`pipeline=per_sample` serves the same splits the usual way instead (torchvision transforms per image, collated by a
+`pipeline=per_sample` serves the same splits the usual way instead (torchvision's ToTensor per image, collated by a
 DataLoader): the comparison `mnist-bench` draws, and a loader that cannot save its position mid-epoch.
 """
 
@@ -12,10 +14,10 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import MNIST
-from torchvision.transforms import Compose, Normalize, ToTensor
+from torchvision.transforms import ToTensor
 
 from mnist_precision.kit.errors import UserError, first_line
 from mnist_precision.kit.loaders import EpochPermutation, TensorBatchLoader
@@ -26,8 +28,20 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 RAW_FILES = [Path(url_name).stem for url_name, _ in MNIST.resources]  # the four un-gzipped IDX files
 
 
+class Standardise(nn.Module):
+    """`(images - mean) / std`. (torchvision's Normalize does the same, and first checks `std` for zeros on the device: a
+    host-device sync on every batch.)"""
+
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, images: Tensor) -> Tensor:
+        return (images - self.mean) / self.std
+
+
 class MNISTDataModule(L.LightningDataModule):
-    """MNIST train/val/test splits: images (N, 1, 28, 28) standardised (or in [0, 1]), labels 0-9.
+    """MNIST train/val/test splits: images (N, 1, 28, 28) in [0, 1], standardised on the device (`normalize`), labels 0-9.
 
     The official 10k test set is the test set; validation is a seeded split of the 60k training images (`val_size`
     of them). Training batches are shuffled by `shuffle_seed + epoch`, so a resumed run sees the same order.
@@ -50,6 +64,8 @@ class MNISTDataModule(L.LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        # What a batch's images go through on the device; mnist-export puts it in front of the exported model.
+        self.transform = Standardise(MNIST_MEAN, MNIST_STD) if normalize else nn.Identity()
 
     def prepare_data(self) -> None:
         if self.data_dir.exists() and not self.data_dir.is_dir():
@@ -91,6 +107,10 @@ class MNISTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> TensorBatchLoader | DataLoader:
         return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
 
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        images, labels = batch
+        return self.transform(images), labels
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> TensorBatchLoader | DataLoader:
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if self.hparams.pipeline == "per_sample":
@@ -102,9 +122,8 @@ class MNISTDataModule(L.LightningDataModule):
         return TensorBatchLoader((images, labels), batch_size, sampler)
 
     def _per_sample_dataset(self, split: str) -> Subset:
-        """torchvision's MNIST with per-image transforms (ToTensor, then Normalize), over the same images as `split`."""
-        transforms = [ToTensor(), Normalize((MNIST_MEAN,), (MNIST_STD,))] if self.hparams.normalize else [ToTensor()]
-        dataset = MNIST(self.data_dir, train=split != "test", transform=Compose(transforms))
+        """torchvision's MNIST with a per-image ToTensor, over the same images as `split`."""
+        dataset = MNIST(self.data_dir, train=split != "test", transform=ToTensor())
         return Subset(dataset, self.indices[split].tolist() if split in self.indices else range(len(dataset)))
 
     def _resident_device(self) -> torch.device:
@@ -114,9 +133,9 @@ class MNISTDataModule(L.LightningDataModule):
             return root_device
         return root_device if on_device else torch.device("cpu")
 
-    def _inputs(self, images: Tensor, device: torch.device) -> Tensor:
-        inputs = images.to(device).unsqueeze(1).float().div_(255)
-        return inputs.sub_(MNIST_MEAN).div_(MNIST_STD) if self.hparams.normalize else inputs
+    @staticmethod
+    def _inputs(images: Tensor, device: torch.device) -> Tensor:
+        return images.to(device).unsqueeze(1).float().div_(255)
 
 
 def read_split(data_dir: Path, train: bool) -> tuple[Tensor, Tensor]:

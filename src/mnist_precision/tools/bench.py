@@ -183,7 +183,7 @@ def measure_plain_loop(overrides: list[str], output_dir: str, warmup: int, turns
         samples = 0
         module.train()
         for index, batch in enumerate(islice(train_loader, n_train)):
-            batch = move_data_to_device(batch, device)
+            batch = on_device(datamodule, batch, device)
             loss = module.training_step(batch, index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -194,10 +194,16 @@ def measure_plain_loop(overrides: list[str], output_dir: str, warmup: int, turns
         module.eval()
         with torch.no_grad():
             for index, batch in enumerate(islice(val_loader, n_val)):
-                module.validation_step(move_data_to_device(batch, device), index)
+                module.validation_step(on_device(datamodule, batch, device), index)
         synchronize(device)
     turns.mark(device)
     return {**steady_state(history, turns, n_train, warmup), "peak_memory_mb": peak_memory_mb(device), "final_loss": float(loss)}
+
+
+def on_device(datamodule: L.LightningDataModule, batch: Any, device: torch.device) -> Any:
+    """A batch as Lightning hands it to a step: moved to the device, then through the data module's
+    `on_after_batch_transfer` (the MNIST task standardises its images there)."""
+    return datamodule.on_after_batch_transfer(move_data_to_device(batch, device), 0)
 
 
 def measure_bare_lightning(overrides: list[str], output_dir: str, warmup: int, turns: Turns) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """`mnist-export ckpt_path=<file|run dir>`: the trained LightningModule as `torch.export` programs in FP32, FP16, BF16
 and INT8, for any task.
 
-Each program is the module's `forward`: it takes what the task's data module puts in a batch (its inputs, any float
-dtype) and returns FP32 outputs, and it runs with `torch.export.load(file).module()(inputs)` in a process that never
-imports this package (the int8 program after `import torchao`, which registers the quantize/dequantize ops its graph
+Each program is the data module's `transform` (what it does to a batch's inputs on the device, if it names one: the
+MNIST task standardises its images there) followed by the module's `forward`: it takes the inputs the data module's
+loaders yield (for MNIST, images in [0, 1], any float dtype) and returns FP32 outputs, and it runs with
+`torch.export.load(file).module()(inputs)` in a process that never imports this package (the int8 program after `import torchao`, which registers the quantize/dequantize ops its graph
 calls). They go to `<run>/export/` with `export.json` and `export.md`: file size, the task's own test metrics computed
 through the saved file (the module's `test_step` runs with the program as its forward), and latency at batch 1 and at
 the test loader's batch size on this machine. Checkpoints of `16-master`/`bf16-master` export from their FP32 masters.
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 
 from mnist_precision.kit.config import CONF_DIR
 from mnist_precision.kit.console import setup_job_console
-from mnist_precision.kit.errors import UserError, log_job_error, report_user_errors
+from mnist_precision.kit.errors import UserError, first_line, log_job_error, report_user_errors
 from mnist_precision.kit.runs import asks_hydra_only, eval_argv, override_value
 from mnist_precision.kit.schema import load_schemas
 
@@ -44,14 +45,16 @@ FORMATS = (*FLOAT_TYPES, "int8")
 
 
 class Deployable(nn.Module):
-    """The module's forward in one dtype: inputs of any float dtype in, FP32 outputs out."""
+    """The data module's transform (in FP32), then the module's forward in one dtype: inputs of any float dtype in, FP32
+    outputs out."""
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype):
+    def __init__(self, module: nn.Module, dtype: torch.dtype, transform: nn.Module):
         super().__init__()
         self.module, self.dtype = copy.deepcopy(module).to(dtype).eval(), dtype  # a copy: each format from the FP32 weights
+        self.transform = transform
 
     def forward(self, inputs: Tensor) -> Tensor:
-        return self.module(inputs.to(self.dtype)).float()
+        return self.module(self.transform(inputs.float()).to(self.dtype)).float()
 
 
 def trained_module(cfg: DictConfig) -> nn.Module:
@@ -65,7 +68,8 @@ def trained_module(cfg: DictConfig) -> nn.Module:
     try:
         module.load_state_dict(fp32_state_dict(checkpoint))
     except RuntimeError as error:
-        raise UserError(f"{cfg.ckpt_path} was written for a different model than the one configured: {str(error).splitlines()[1].strip()}") from None
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), first_line(error))
+        raise UserError(f"{cfg.ckpt_path} was written for a different model than the one configured ({detail[:200]}).") from None
     return module.float().eval()
 
 
@@ -96,18 +100,18 @@ def inputs_of(batch: Any) -> Tensor:
     return inputs
 
 
-def export_program(module: nn.Module, fmt: str, calibration: Tensor, example: Tensor) -> torch.export.ExportedProgram:
+def export_program(module: nn.Module, fmt: str, transform: nn.Module, calibration: Tensor, example: Tensor) -> torch.export.ExportedProgram:
     batch = torch.export.Dim("batch", min=1, max=65536)
     example = (example[:2],)
     if fmt in FLOAT_TYPES:
-        return torch.export.export(Deployable(module, FLOAT_TYPES[fmt]), example, dynamic_shapes=({0: batch},))
+        return torch.export.export(Deployable(module, FLOAT_TYPES[fmt], transform), example, dynamic_shapes=({0: batch},))
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
     )
 
-    graph = torch.export.export(Deployable(module, torch.float32), example, dynamic_shapes=({0: batch},)).module()
+    graph = torch.export.export(Deployable(module, torch.float32, transform), example, dynamic_shapes=({0: batch},)).module()
     prepared = prepare_pt2e(graph, X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config()))
     with torch.no_grad():
         for inputs in calibration.split(100):
@@ -137,7 +141,8 @@ def without_debug_metadata(program: torch.export.ExportedProgram) -> torch.expor
 
 
 def test_metrics(module: nn.Module, program: Callable[[Tensor], Tensor], datamodule: Any) -> dict[str, float]:
-    """The task's own test metrics with `program` as the module's forward: its test_step, on its test loader, on CPU."""
+    """The task's own test metrics with `program` as the module's forward: its test_step, on its test loader's batches
+    as the loader yields them (the data module's transform is in the program), on CPU."""
     import lightning as L
 
     calls = []
@@ -150,7 +155,7 @@ def test_metrics(module: nn.Module, program: Callable[[Tensor], Tensor], datamod
     try:
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False)
-        metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        metrics = trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)[0]
     finally:
         del module.forward
     if not calls:
@@ -185,11 +190,12 @@ def export(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, float | str]]:
     check_formats(formats)
     module = trained_module(cfg)
     datamodule, calibration, example = batches(cfg)
+    transform = copy.deepcopy(getattr(datamodule, "transform", None) or nn.Identity()).cpu()
     sizes = (1, len(example))
     results: dict[str, dict[str, float | str]] = {}
     for fmt in formats:
         path = out_dir / f"{fmt}.pt2"
-        torch.export.save(without_debug_metadata(export_program(module, fmt, calibration, example)), path)
+        torch.export.save(without_debug_metadata(export_program(module, fmt, transform, calibration, example)), path)
         program = torch.export.load(path).module()  # everything below runs what was saved
         row: dict[str, float | str] = {"file": path.name, "bytes": path.stat().st_size, **test_metrics(module, program, datamodule)}
         for size in sizes:
