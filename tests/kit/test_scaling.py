@@ -146,7 +146,7 @@ def test_submitit_local_runs_a_sweep_into_one_sweep_dir_and_reports_every_job(tm
     assert len(jobs) == 4 and not (tmp_path / "logs/train").exists()
     for job in jobs:
         metrics = json.loads((job / "metrics.json").read_text())
-        assert ("error" in metrics) == ("net.hidden=0" in job.name), metrics
+        assert ("error" in metrics) == ("net.hidden=0" in (job / ".hydra/overrides.yaml").read_text()), metrics
         assert (job / "train.log").is_file() and (job / ".hydra/overrides.yaml").is_file()
     assert "sweep of 2 job(s): test/acc" in out  # read back from the jobs, which ran in other processes
     assert "2 job(s) of the sweep failed" in err and "layers with no weights cannot train" in err

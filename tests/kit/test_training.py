@@ -40,9 +40,13 @@ def test_same_seed_gives_identical_weights(make_config, tmp_path):
     assert all(torch.equal(value, b["state_dict"][key]) for key, value in a["state_dict"].items())
 
 
-def test_test_false_fits_without_testing(make_config):
-    metrics = train(make_config("trainer.max_epochs=1", "test=false"))
+def test_test_false_fits_without_testing_and_the_summary_says_so(make_config, tmp_path):
+    from mnist_precision.kit.results import summary
+
+    cfg = make_config("trainer.max_epochs=1", "test=false")
+    metrics = train(cfg)
     assert "val/acc" in metrics and not any(name.startswith("test/") for name in metrics)
+    assert summary(metrics, tmp_path, cfg).startswith("not tested (test=false)  val/acc_best=")
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])

@@ -49,8 +49,8 @@ def files_outside(root: Path, run_dirs: list[Path]) -> set[str]:
     return {str(path.relative_to(root)) for path in root.rglob("*") if path.is_file() and not any(run in path.parents for run in run_dirs)}
 
 
-@pytest.mark.slow  # about 30 s: 40 short runs
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.slow  # about 20 s: 30 short runs
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=st.lists(override, min_size=1, max_size=2))
 def test_every_drawn_command_line_trains_or_is_refused_in_one_message(run_main, overrides):
     with tempfile.TemporaryDirectory() as scratch:

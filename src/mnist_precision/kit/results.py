@@ -37,6 +37,8 @@ def summary(metrics: dict[str, float], run_dir: Path, cfg: DictConfig) -> str:
     logger's viewer)."""
     best = f"{cfg.monitor.metric}_best"
     parts = [f"{name}={metrics[name]:.4f}" for name in sorted(metrics, key=shown_order) if name.startswith("test/")]
+    if not cfg.get("test", True):
+        parts.append("not tested (test=false)")
     if best in metrics:
         parts.append(f"{best}={metrics[best]:.4f}")
     if "time/fit_seconds" in metrics:

@@ -26,7 +26,13 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 REPLACED_ON_REPLAY = ("resume", "ckpt_path")  # per-invocation keys, never taken from a saved run
 
 
-PATH_KEYS = ("resume", "ckpt_path", "paths.log_dir", "data.data_dir")
+PATH_SUFFIXES = ("_dir", "_path", "_root", "_file")  # a key naming a file or directory (data.data_dir, paths.log_dir, ...)
+
+
+def is_path_key(key: str | None) -> bool:
+    return key is not None and (key == "resume" or key.rsplit(".", 1)[-1].endswith(PATH_SUFFIXES))
+
+
 OPTIONAL_GROUPS = ("experiment", "debug", "hparams_search")  # null by default (conf/train.yaml): null means none
 
 
@@ -48,7 +54,7 @@ def quote_values(argv: list[str]) -> list[str]:
             return f"~{key}"
         if key == "precision" and arg.startswith("precision="):
             return "precision=" + ",".join(quote(option) for option in arg.split("=", 1)[1].split(","))
-        if key in PATH_KEYS and "=" in arg:
+        if is_path_key(key) and "=" in arg:
             name, value = arg.split("=", 1)
             return arg if value[:1] in ("'", '"') or value in ("", "null") else f"{name}='{value}'"
         return arg
