@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's TensorBoard screenshots, as a user sees them: a 3-job precision sweep on real MNIST, TensorBoard on
-# it, and headless Chromium (Debian's `chromium`) photographing the Custom Scalars and HParams tabs.
+# The TensorBoard screenshots in docs/tracking.md, as a user sees them: a 3-job precision sweep on real MNIST,
+# TensorBoard on it, and headless Chromium (Debian's `chromium`) photographing the Custom Scalars and HParams tabs.
 #   MNIST_ROOT=... scripts/dashboard_screenshot.sh        -> scripts/screenshots/{custom_scalars,hparams}.png
 set -euo pipefail
 cd "$(dirname "$0")/.."
