@@ -14,6 +14,7 @@ from support import event_files, files_under, only_run_dir, scalar_steps, sweep_
 
 from mnist_precision.cli import eval as eval_cli
 from mnist_precision.cli import train as train_cli
+from mnist_precision.kit.config import run_name_suffix
 from mnist_precision.kit.runs import merge_overrides, quote_values
 
 
@@ -72,9 +73,12 @@ def test_multirun_sweeps_precision_and_network(run_main, tmp_path):
     sweep = only_run_dir(tmp_path / "logs", "multirun")
     jobs = sweep_jobs(sweep)
     overrides = [yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) for job in jobs]
-    # Each job's directory, and so its TensorBoard run name, says what its overrides are (sorted, then cut at 80).
+    # Each job's directory, and so its TensorBoard run name, says what its overrides are (sorted).
     named = [sorted(o.replace("'", "") for o in job if not o.startswith("paths.log_dir=")) for job in overrides]  # paths excluded
-    assert [job.name for job in jobs] == [f"{n}_" + ",".join(job).replace("/", "-")[:80] for n, job in enumerate(named)]
+    # the swept keys first, and every pair whole: the rest is cut at 80 characters, with a hash of the whole
+    assert [job.name.split(",")[:2] for job in jobs] == [[f"{n}_" + pair.replace("/", "-") for pair in job if pair.startswith("net=")]
+                                                          + [pair for pair in job if pair.startswith("precision=")] for n, job in enumerate(named)]
+    assert all(len(job.name) <= 2 + 80 and job.name.split(",")[-1].startswith("+") for job in jobs)
     combos = {frozenset(o for o in job if o.startswith(("precision=", "net="))) for job in overrides}
     assert combos == {frozenset({f"precision={p}", f"net={m}"}) for p in ("'32'", "bf16-mixed") for m in ("quadrants_mlp", "quadrants_cnn")}
     assert all((job / "tensorboard").is_dir() for job in jobs)
@@ -121,6 +125,21 @@ def test_help_lists_every_config_group_and_the_machinerys_options(run_main):
     }.items():
         line = next(line for line in result.stdout.splitlines() if line.startswith(f"{group}:"))
         assert all(option in line for option in options), line
+
+
+def test_run_names_keep_whole_key_value_pairs_and_a_hash_when_cut():
+    assert run_name_suffix("") == ""
+    assert run_name_suffix("net=cnn,precision=16-master,tags=[a,b]") == "_net=cnn,precision=16-master,tags=[a,b]"
+    lr = [f"optimizer.lr=0.00{digit}2345678901234,optimizer.weight_decay=0.000123456789,trainer.max_epochs=3,"
+          "precision=bf16-mixed,net=cnn,data.batch_size=64" for digit in (1, 2)]
+    names = [run_name_suffix(name) for name in lr]
+    assert names[0].startswith("_lr=0.0012345678901234,weight_decay=0.000123456789,max_epochs=3,")  # groups dropped
+    assert all(len(name) <= 81 for name in names) and names[0] != names[1]
+    assert all(pair.partition("=")[2] for name in names for pair in name[1:].split(",")[:-1])  # every kept pair whole
+    # pairs dropped from the end: how many, and a hash of all of them (runs that differ only there stay apart)
+    same_start = ["a.b=" + "x" * 66 + f",c.x={value},e.x={value}" for value in (1, 2)]  # (c.x, e.x: both x if shortened)
+    cut = [run_name_suffix(name) for name in same_start]
+    assert cut[0].startswith("_a.b=" + "x" * 66 + ",") and cut[0].split(",")[-1].startswith("+") and cut[0] != cut[1]
 
 
 def test_override_merging_and_precision_quoting():
@@ -173,6 +192,15 @@ BAD_TRAIN_INPUTS = {
     "a choice the schema does not offer": (["scheduler.interval=daily"], "scheduler.interval must be one of epoch, step, got 'daily'"),
     "checkpointing off beside the checkpoint callbacks": (["trainer.enable_checkpointing=false"],
                                                           "trainer: Trainer was configured with `enable_checkpointing=False` but found `ModelCheckpoint`"),
+    "a seed that is not a number": (["seed=abc"], "seed must be an integer, got 'abc'"),
+    "tags that are not a list": (["tags=a"], "tags must be a list of labels, as in tags=[baseline,ablation], got 'a'"),
+    "a top-level key nothing reads": (["+tag=x"], "tag: nothing reads this key (did you mean tags?)"),
+    "a key appended where nothing reads it": (["+monitor.metrc=val/loss"], "+monitor.metrc: nothing reads monitor.metrc (did you mean monitor.metric?)"),
+    "a misspelt key": (["trainer.max_epoch=3"], "trainer.max_epoch: did you mean trainer.max_epochs?"),
+    "a misspelt top-level key": (["sed=3"], "sed: did you mean seed?"),
+    "a misspelt option": (["optimizer=adamm"], "optimizer=adamm: did you mean optimizer=adam?"),
+    "an option of another group": (["optimizer=quadrants_mlp"], "optimizer=quadrants_mlp: did you mean net=quadrants_mlp?"),
+    "an option close to the groups own": (["model=quadrant"], "model=quadrant: did you mean model=quadrants?"),
 }
 
 

@@ -41,6 +41,20 @@ def test_hparams_hold_the_knobs_and_final_metrics_of_the_latest_session(run_main
     assert len(list((run_dir / "tensorboard").glob("*.dashboard"))) == 1
 
 
+def test_tags_are_recorded_in_hparams_the_text_tab_metrics_json_and_the_run_name(run_main, tmp_path):
+    import json
+
+    assert run_main(train_cli.main, "trainer.max_epochs=1", "tags=[baseline,ablation]").code == 0
+    run_dir = only_run_dir(tmp_path / "logs")
+    assert json.loads((run_dir / "metrics.json").read_text())["tags"] == ["baseline", "ablation"]
+    assert "tags=[baseline,ablation]" in run_dir.name
+    values, _, _ = hparams_of(run_dir)
+    assert values["tags"] == "baseline,ablation"
+    accumulator = tensorboard_events(run_dir)
+    text = [tag for tag in accumulator.Tags()["tensors"] if tag.startswith("tags")]
+    assert text and accumulator.Tensors(text[0])[-1].tensor_proto.string_val[0].decode() == "baseline, ablation"
+
+
 def test_a_custom_scalars_layout_overlays_each_metrics_training_and_validation_values(run_main, tmp_path):
     from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
@@ -74,7 +88,7 @@ def test_logger_many_writes_tensorboard_and_a_csv_with_the_same_metrics(run_main
 def test_logger_mlflow_keeps_one_mlflow_run_in_the_run_dir_that_a_resume_continues(run_main, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    first = run_main(train_cli.main, "logger=mlflow", "precision=bf16-mixed", "trainer.max_epochs=2")
+    first = run_main(train_cli.main, "logger=mlflow", "precision=bf16-mixed", "trainer.max_epochs=2", "tags=[baseline]")
     assert first.code == 0, first.stderr
     run_dir = only_run_dir(tmp_path / "logs")
     store = f"sqlite:///{run_dir / 'mlflow.db'}"
@@ -86,6 +100,7 @@ def test_logger_mlflow_keeps_one_mlflow_run_in_the_run_dir_that_a_resume_continu
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_name == run_dir.name
     run = runs[0]
     assert run.data.params["precision"] == "bf16-mixed" and run.data.params["net"] == "mlp"
+    assert run.data.tags["baseline"] == "true"
     assert not [name for name in run.data.params if "_target_" in name or "dirpath" in name] and len(run.data.params) <= 30
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 3  # both sessions, in one run
     for name in ("test/acc", "val/acc_best", "throughput/samples_per_sec", "memory/peak_mb", "time/wall_seconds"):

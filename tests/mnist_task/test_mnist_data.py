@@ -140,12 +140,14 @@ def test_missing_files_with_download_off_name_the_files_and_both_fixes(tmp_path)
     assert "MNIST_ROOT=" in message and "data.data_dir=" in message and "data.download=true" in message
 
 
-def test_failed_download_names_the_files_and_both_fixes(tmp_path, monkeypatch):
+def test_failed_download_names_the_files_and_both_fixes_and_leaves_no_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])  # a closed local port: no network, offline
-    dm = MNISTDataModule(data_dir=str(tmp_path), download=True)
+    (tmp_path / "mine").mkdir()
+    dm = MNISTDataModule(data_dir=str(tmp_path / "mine/no/such/dir"), download=True)
     with pytest.raises(UserError) as error:
         dm.prepare_data()
     assert "the download failed" in str(error.value) and "MNIST_ROOT=" in str(error.value)
+    assert list((tmp_path / "mine").iterdir()) == []  # torchvision made no/such/dir/MNIST/raw on its way: gone again
 
 
 def test_truncated_idx_file_is_named(writable_mnist):

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from mnist_precision.kit.config import CONF_DIR
 from mnist_precision.kit.console import setup_job_console
 from mnist_precision.kit.errors import explain_checkpoint_mismatch, log_job_error, report_user_errors
-from mnist_precision.kit.runs import eval_argv
+from mnist_precision.kit.runs import eval_argv, suggest_close_matches
 from mnist_precision.kit.schema import load_schemas
 
 LOG = logging.getLogger("mnist_precision")
@@ -44,7 +44,8 @@ def main() -> None:
     with report_user_errors():
         load_schemas()
         sys.argv[1:] = eval_argv(sys.argv[1:])
-    _hydra_main()
+    with suggest_close_matches(sys.argv[1:], "eval"):
+        _hydra_main()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, open_dict
 
 from mnist_precision.kit.config import CONF_DIR, command_name
 from mnist_precision.kit.console import setup_job_console, use_job_log
+from mnist_precision.kit.dashboard import tags
 from mnist_precision.kit.errors import (
     RunFailed,
     RunRefused,
@@ -57,6 +58,7 @@ from mnist_precision.kit.runs import (
     remove_refused_run,
     resume_guard,
     run_lock,
+    suggest_close_matches,
     train_argv,
 )
 from mnist_precision.kit.schema import load_schemas
@@ -176,7 +178,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sweep = hydra_cfg.mode == RunMode.MULTIRUN
         refused = refused_input(error)
         if sweep or not refused:
-            write_metrics(run_dir, {"error": str(error)})
+            write_metrics(run_dir, {"error": str(error)}, tags(cfg))
         elif not cfg.resume:  # nothing behind: TensorBoard and resume=latest would find an empty run
             remove_refused_run(run_dir, at_start, f"{hydra_cfg.job.name}.log")
         if not sweep:  # (a refused resume puts the run's .hydra/ files back: runs.resume_guard)
@@ -187,7 +189,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if rank != "0" or not is_rank_zero():
         return None
     try:
-        write_metrics(run_dir, metrics)
+        write_metrics(run_dir, metrics, tags(cfg))
     except OSError as error:
         LOG.error(f"error: {explain_full_disk(error, run_dir)}")
         raise SystemExit(1) from None
@@ -220,7 +222,7 @@ def main() -> None:
         first = launch_rank() == "0"
         if not first:  # the first process writes the run's .hydra/ files; the others run its config
             sys.argv.append("hydra.output_subdir=null")
-        with resume_guard(sys.argv[1:] if first else []):
+        with resume_guard(sys.argv[1:] if first else []), suggest_close_matches(sys.argv[1:], "train"):
             _hydra_main()
 
 

@@ -9,6 +9,7 @@ run directories and launchers is checked before Hydra composes anything: runs.py
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import math
 import os
@@ -18,9 +19,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationValidationError
 
-from mnist_precision.kit.errors import UserError
+from mnist_precision.kit.config import CONF_DIR
+from mnist_precision.kit.errors import UserError, first_line
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -28,10 +32,10 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 def check_config(cfg: DictConfig) -> None:
     """Raise one `UserError` listing every invalid value, before anything is built."""
     problems = [
+        *_check_number(cfg, "seed", integer=True, minimum=0),
         *_check_schemas(cfg),
         *(_check_number(cfg, "optimizer.lr", minimum=0, exclusive=True) if OmegaConf.select(cfg, "optimizer.lr") is not None else []),
         *_check_number(cfg, "trainer.max_epochs", integer=True, minimum=-1),
-        *_check_number(cfg, "seed", integer=True, minimum=0),
     ]
     if OmegaConf.select(cfg, "callbacks.last_checkpoint") is not None:
         problems += _check_number(cfg, "callbacks.last_checkpoint.keep_every_n_epochs", integer=True, minimum=0)
@@ -46,6 +50,8 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"monitor.mode must be min or max, got {OmegaConf.select(cfg, 'monitor.mode')!r}")
     if not isinstance(OmegaConf.select(cfg, "monitor.metric"), str) or not OmegaConf.select(cfg, "monitor.metric"):
         problems.append(f"monitor.metric must name a logged metric (val/acc, val/loss, ...), got {OmegaConf.select(cfg, 'monitor.metric')!r}")
+    if not OmegaConf.is_list(cfg.get("tags")) or not all(isinstance(tag, (str, int, float)) for tag in cfg.tags):
+        problems.append(f"tags must be a list of labels, as in tags=[baseline,ablation], got {cfg.get('tags')!r}")
     if not isinstance(cfg.get("test"), bool):
         problems.append(f"test must be true or false, got {cfg.get('test')!r}")
     strategy = str(cfg.trainer.get("strategy", "auto"))
@@ -56,8 +62,49 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"matmul_precision must be highest, high or medium, got {cfg.matmul_precision!r}")
     problems += _check_devices(cfg.trainer)
     problems += _check_nodes(cfg.trainer)
+    problems += _unread_keys(cfg)
     if problems:
         raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _unread_keys(cfg: DictConfig) -> list[str]:
+    """Keys nothing reads, which Hydra's advice for an unknown key (`+key=...`) leads to: a top-level key the command's
+    config does not define (`+tag=x`), or a key appended under a node that no `_target_` takes it to (`+monitor.x=1`).
+    A key appended to a `_target_`'s node is checked against that target's signature (`signature_problems`)."""
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    known = _defined_keys(hydra_cfg.job.config_name)
+    problems = [f"{key}: nothing reads this key{_close_match(key, known)} (a key your own code reads belongs in "
+                f"conf/{hydra_cfg.job.config_name}.yaml)" for key in cfg if key not in known]
+    for override in hydra_cfg.overrides.task:
+        key = override.partition("=")[0]
+        if not key.startswith("+") or key.startswith("++") or "." not in key or key.startswith("+hydra."):
+            continue
+        parts = key[1:].split(".")
+        nodes = [OmegaConf.select(cfg, ".".join(parts[:n])) for n in range(1, len(parts) + 1)]
+        if parts[0] in known and not any(OmegaConf.is_dict(node) and "_target_" in node for node in nodes):
+            parent = nodes[-2]
+            siblings = [str(name) for name in parent if name != parts[-1]] if OmegaConf.is_dict(parent) else []
+            problems.append(f"{key}: nothing reads {key[1:]}{_close_match(parts[-1], siblings, '.'.join(parts[:-1]) + '.')}")
+    return problems
+
+
+def _defined_keys(config_name: str) -> set[str]:
+    """The top-level keys a primary config (conf/<name>.yaml) and the configs and groups in its defaults define."""
+    config = OmegaConf.load(CONF_DIR / f"{config_name}.yaml")
+    keys = {"hydra"} | {str(key) for key in config if key != "defaults"}
+    for entry in config.get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":
+            keys |= _defined_keys(entry)
+        elif OmegaConf.is_dict(entry):
+            keys |= {str(group).removeprefix("override ").removeprefix("optional ") for group in entry}
+    return keys
+
+
+def _close_match(key: str, candidates: typing.Iterable[str], prefix: str = "") -> str:
+    match = difflib.get_close_matches(key, list(candidates), n=1)
+    return f" (did you mean {prefix}{match[0]}?)" if match else ""
 
 
 def _check_schemas(cfg: DictConfig) -> list[str]:
@@ -67,7 +114,12 @@ def _check_schemas(cfg: DictConfig) -> list[str]:
         if not OmegaConf.is_dict(node) or not dataclasses.is_dataclass(OmegaConf.get_type(node)):
             continue
         for spec in dataclasses.fields(OmegaConf.get_type(node)):
-            key, value = f"{group}.{spec.name}", node.get(spec.name)
+            key = f"{group}.{spec.name}"
+            try:
+                value = node.get(spec.name)
+            except InterpolationValidationError as error:  # data.shuffle_seed: ${seed} with seed=abc
+                problems.append(f"{key}: {first_line(error)}")
+                continue
             if "choices" in spec.metadata and value not in spec.metadata["choices"]:
                 choices = ", ".join(str(choice).lower() for choice in spec.metadata["choices"])
                 problems.append(f"{key} must be one of {choices}, got {value!r}")

@@ -7,6 +7,9 @@ parsed, and `--help` must not wait for torch.
 from __future__ import annotations
 
 import functools
+import hashlib
+import re
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -38,11 +41,59 @@ def command_name(task: str) -> str:
         return f"python -m {PACKAGE}.cli.{task}"
 
 
+def override_pairs(override_dirname: str) -> list[str]:
+    """Hydra's `override_dirname` (`key=value` pairs joined by commas) back into its pairs; a comma inside a list or
+    dict value (`tags=[a,b]`) stays in its value."""
+    pairs, depth, start = [], 0, 0
+    for at, char in enumerate(override_dirname):
+        depth += (char in "[{(") - (char in "]})")
+        if char == "," and depth == 0 and re.match(r"[+~]*[\w./@-]+=", override_dirname[at + 1:]):
+            pairs.append(override_dirname[start:at])
+            start = at + 1
+    return [pair for pair in [*pairs, override_dirname[start:]] if pair]
+
+
+def swept_keys() -> set[str]:
+    """The keys this process's command line sweeps over (`precision=32,bf16-mixed`), for Hydra's basic launcher, which
+    names the jobs in this process."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([arg for arg in sys.argv[1:] if not arg.startswith("-")])
+    except HydraException:
+        return set()
+    return {override.key_or_group for override in parsed if override.is_sweep_override()}
+
+
 def run_name_suffix(override_dirname: str, limit: int = 80) -> str:
     """`_precision=16-master,net=cnn`: what a run's overrides change, appended to its directory's name, so TensorBoard's
-    run list and legends say what differs. Empty without overrides; `/` becomes `-`, quotes go, cut at `limit`."""
-    name = override_dirname.replace("/", "-").replace("'", "").replace('"', "")[:limit]
-    return f"_{name}" if name else ""
+    run list, legends and HParams say what differs. Empty without overrides; `/` becomes `-`, quotes go.
+
+    Never cut inside a pair: past `limit`, keys lose their groups (`optimizer.lr` -> `lr`, where still unique), then
+    whole pairs are dropped from the end (a sweep's own keys and the tags come first) and the name ends in `+<dropped>-<hash of all
+    of them>`, so runs that differ only in the dropped pairs keep different names.
+    """
+    pairs = override_pairs(override_dirname.replace("/", "-").replace("'", "").replace('"', ""))
+    name = ",".join(pairs)
+    if len(name) <= limit:
+        return f"_{name}" if name else ""
+    swept = swept_keys()  # what a sweep varies, then the run's tags, say what differs between runs: kept first
+    pairs = sorted(pairs, key=lambda pair: (pair.partition("=")[0].lstrip("+~") not in swept, pair.partition("=")[0] != "tags"))
+    keys = [pair.partition("=")[0] for pair in pairs]
+    short = [key.rsplit(".", 1)[-1] for key in keys]
+    if len(set(short)) == len(short):
+        pairs = [f"{key}={pair.partition('=')[2]}" for key, pair in zip(short, pairs, strict=True)]
+    if len(",".join(pairs)) <= limit:
+        return "_" + ",".join(pairs)
+    digest = hashlib.sha1(name.encode()).hexdigest()[:6]
+    kept = []
+    for pair in pairs:
+        tail = f",+{len(pairs) - len(kept) - 1}-{digest}" if len(kept) + 1 < len(pairs) else ""
+        if len(",".join([*kept, pair]) + tail) > limit:
+            break
+        kept.append(pair)
+    return "_" + ",".join([*kept, f"+{len(pairs) - len(kept)}-{digest}"])
 
 
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)

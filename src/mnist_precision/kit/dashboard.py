@@ -61,11 +61,16 @@ def knobs(cfg: DictConfig) -> dict[str, Any]:
         node = config.get(group)
         if isinstance(node, dict):
             chosen.update(_flatten(group, node))
-    chosen.update({"seed": config["seed"], "matmul_precision": config["matmul_precision"]})
+    chosen.update({"seed": config["seed"], "matmul_precision": config["matmul_precision"], "tags": ",".join(tags(cfg))})
     chosen.update({f"trainer.{key}": config["trainer"].get(key) for key in TRAINER_KNOBS})
     strategy = config["trainer"].get("strategy")
     chosen["trainer.strategy"] = _short(strategy["_target_"]) if isinstance(strategy, dict) else strategy
     return {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in chosen.items()}
+
+
+def tags(cfg: DictConfig) -> list[str]:
+    """The run's `tags=[...]` (lightning-hydra-template's habit), as strings."""
+    return [str(tag) for tag in cfg.get("tags") or []]
 
 
 def _flatten(prefix: str, node: dict[str, Any]) -> dict[str, Any]:
@@ -97,7 +102,7 @@ def final_metrics(cfg: DictConfig, metrics: dict[str, float]) -> list[str]:
 
 def write_dashboard(log_dir: str | Path, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
     """Replace the run's dashboard event file: the custom-scalars layout, the knobs, and the final metrics written here."""
-    from torch.utils.tensorboard.summary import custom_scalars, hparams, scalar
+    from torch.utils.tensorboard.summary import custom_scalars, hparams, scalar, text
     from torch.utils.tensorboard.writer import FileWriter
 
     log_dir = Path(log_dir)
@@ -110,6 +115,8 @@ def write_dashboard(log_dir: str | Path, cfg: DictConfig, metrics: dict[str, flo
     writer.add_summary(session_end)    # run's session and shows first the knobs whose values differ between runs
     for name in final_metrics(cfg, metrics):
         writer.add_summary(scalar(name, metrics[name]), step)
+    if tags(cfg):
+        writer.add_summary(text("tags", ", ".join(tags(cfg))), step)  # the Text tab
     writer.close()
 
 
@@ -121,6 +128,8 @@ def write_mlflow(logger: Any, cfg: DictConfig, metrics: dict[str, float], step: 
     """
     logged = logger.experiment.get_run(logger.run_id).data.params
     logger.log_hyperparams({name: value for name, value in knobs(cfg).items() if name not in logged})
+    for tag in tags(cfg):  # each tag an MLflow tag, so `tags.<tag> = 'true'` finds the runs that carry it
+        logger.experiment.set_tag(logger.run_id, tag, "true")
     final = {name: metrics[name] for name in final_metrics(cfg, metrics)}
     if final:
         logger.log_metrics(final, step)

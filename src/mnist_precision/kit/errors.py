@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +81,19 @@ def report_user_errors() -> Iterator[None]:
         yield
     except UserError as error:
         exit_with(error)
+
+
+@contextmanager
+def nothing_left_if_it_fails(path: Path) -> Iterator[None]:
+    """If the block fails, remove the directories it created on the way to `path` (a download that made
+    `/no/such/dir/MNIST/raw` before failing): a refused run leaves nothing behind. What existed before is kept."""
+    created = next((parent for parent in (path, *path.parents) if parent.parent.exists()), None) if not path.exists() else None
+    try:
+        yield
+    except BaseException:
+        if created is not None and created.exists():
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 @contextmanager

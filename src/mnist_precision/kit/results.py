@@ -13,11 +13,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 
-def write_metrics(run_dir: Path, metrics: dict) -> None:
-    """metrics.json, written whole or not at all (a full disk must not leave half a file for a sweep to read)."""
+def write_metrics(run_dir: Path, metrics: dict, tags: list[str] | None = None) -> None:
+    """metrics.json (with the run's tags, if any), written whole or not at all (a full disk must not leave half a file
+    for a sweep to read)."""
     partial = run_dir / "metrics.json.partial"
     try:
-        partial.write_text(json.dumps(metrics, indent=2))
+        partial.write_text(json.dumps({**metrics, "tags": tags} if tags else metrics, indent=2))
         partial.replace(run_dir / "metrics.json")
     except OSError:
         partial.unlink(missing_ok=True)

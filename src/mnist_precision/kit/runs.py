@@ -9,14 +9,18 @@ Everything here runs before Hydra starts, so a bad argument is reported before a
 
 from __future__ import annotations
 
+import difflib
 import fcntl
 import os
+import re
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+from omegaconf import OmegaConf
 
 from mnist_precision.kit.config import CONF_DIR, DEFAULT_LOG_DIR, PACKAGE, command_name
 from mnist_precision.kit.errors import RunRefused, UserError, first_line
@@ -352,3 +356,72 @@ def resume_guard(argv: list[str]) -> Iterator[None]:
             for path, content in saved.items():
                 path.write_bytes(content)
             raise
+
+
+@contextmanager
+def suggest_close_matches(argv: list[str], config_name: str) -> Iterator[None]:
+    """Beside Hydra's message for an unknown key or option, the close match a typo missed:
+    `trainer.max_epoch: did you mean trainer.max_epochs?`, `model=mpl: did you mean net=mlp?`.
+
+    Hydra prints its message and exits 1 before any job starts; the config is composed again, only after a failure,
+    to find which override it was (a job that failed composes fine, and gets no hint)."""
+    try:
+        yield
+    except RunRefused:
+        raise
+    except SystemExit as stop:
+        if stop.code == 1 and (hint := close_match_hint(argv, config_name)):
+            print(hint, file=sys.stderr, flush=True)
+        raise
+
+
+def close_match_hint(argv: list[str], config_name: str) -> str | None:
+    """`<override>: did you mean <close match>?` for the override Hydra could not apply, or None."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+
+    try:  # a sweep's values are not composed: its other overrides are
+        parsed = OverridesParser.create().parse_overrides([arg for arg in argv if not arg.startswith("-")])
+    except HydraException:
+        return None
+    overrides = [o for o in parsed if not o.is_sweep_override()
+                 and (o.key_or_group == "hydra.searchpath" or not o.key_or_group.startswith(("hydra.", "hydra/")))]
+    GlobalHydra.instance().clear()  # (hydra.main leaves its own instance behind)
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            try:
+                compose(config_name, overrides=[o.input_line for o in overrides])
+                return None
+            except MissingConfigException as error:  # model=mpl: an option the group does not have
+                group, _, option = str(error.missing_cfg_file).rpartition("/")
+                searched = [CONF_DIR, *(Path(str(entry).removeprefix("file://")) for o in overrides if o.key_or_group == "hydra.searchpath"
+                                        for entry in o.value() if str(entry).startswith("file://"))]
+                groups: dict[str, list[str]] = {group: list(error.options or [])}
+                for path in sorted(path for root in searched if root.is_dir() for path in root.iterdir() if path.is_dir()):
+                    groups.setdefault(path.name, []).extend(p.stem for p in path.glob("*.yaml"))
+                own = difflib.get_close_matches(option, groups.pop(group), n=1)  # the group's own options first
+                others = {choice: name for name, options in groups.items() for choice in options}
+                match = (group, own[0]) if own else next(((others[c], c) for c in difflib.get_close_matches(option, others, n=1)), None)
+                return f"{group}={option}: did you mean {match[0]}={match[1]}?" if match else None
+            except ConfigCompositionException as error:  # trainer.max_epoch=3: a key the config does not have
+                key = re.search(r"Could not override '([^']+)'", str(error))
+                if key is None:
+                    return None
+                key = key.group(1)
+                parent, _, leaf = key.rpartition(".")
+                try:
+                    cfg = compose(config_name, overrides=[o.input_line for o in overrides if o.key_or_group != key])
+                except HydraException:
+                    return None
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+                keys = [str(name) for name in node] if OmegaConf.is_dict(node) else []
+                if not parent:
+                    keys += [path.name for path in CONF_DIR.iterdir() if path.is_dir()]
+                match = difflib.get_close_matches(leaf, keys, n=1)
+                return f"{key}: did you mean {parent + '.' if parent else ''}{match[0]}?" if match else None
+    except HydraException:
+        return None
+    finally:
+        GlobalHydra.instance().clear()

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import MNIST
 from torchvision.transforms import ToTensor
 
-from mnist_precision.kit.errors import UserError, first_line
+from mnist_precision.kit.errors import UserError, first_line, nothing_left_if_it_fails
 from mnist_precision.kit.loaders import EpochPermutation, TensorBatchLoader
 
 NUM_CLASSES = 10
@@ -75,8 +75,9 @@ class MNISTDataModule(L.LightningDataModule):
         if not self.hparams.download:
             raise UserError(missing_files_message(self.data_dir, "download is off (data.download=false)"))
         try:
-            for train in (True, False):
-                MNIST(self.data_dir, train=train, download=True)
+            with nothing_left_if_it_fails(self.data_dir / "MNIST" / "raw"):
+                for train in (True, False):
+                    MNIST(self.data_dir, train=train, download=True)
         except (RuntimeError, OSError) as error:
             raise UserError(missing_files_message(self.data_dir, f"the download failed: {first_line(error)}")) from None
 

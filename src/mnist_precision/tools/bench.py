@@ -30,6 +30,7 @@ import multiprocessing
 import operator
 import re
 import statistics
+import sys
 import time
 from itertools import islice
 from multiprocessing.connection import Connection
@@ -50,7 +51,7 @@ from mnist_precision.kit.errors import UserError, report_user_errors
 from mnist_precision.kit.monitor import TrainingMonitor, batch_size, peak_memory_mb, synchronize
 from mnist_precision.kit.precision import runs_on_cpu
 from mnist_precision.kit.private_api import skip_inherited_step_hooks
-from mnist_precision.kit.runs import job_entries, override_key, quote_values, remove_refused_run
+from mnist_precision.kit.runs import job_entries, override_key, quote_values, remove_refused_run, suggest_close_matches
 from mnist_precision.kit.schema import load_schemas
 
 BASELINES = ("bare lightning", "plain loop")
@@ -521,7 +522,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     load_schemas()
-    _hydra_main()
+    with suggest_close_matches(sys.argv[1:], "bench"):
+        _hydra_main()
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from mnist_precision.kit.config import CONF_DIR
 from mnist_precision.kit.console import setup_job_console
 from mnist_precision.kit.errors import UserError, first_line, log_job_error, report_user_errors
-from mnist_precision.kit.runs import asks_hydra_only, eval_argv, override_value
+from mnist_precision.kit.runs import asks_hydra_only, eval_argv, override_value, suggest_close_matches
 from mnist_precision.kit.schema import load_schemas
 
 LOG = logging.getLogger("mnist_precision")
@@ -257,7 +257,8 @@ def main() -> None:
     with report_user_errors():
         load_schemas()
         sys.argv[1:] = export_argv(sys.argv[1:])
-    _hydra_main()
+    with suggest_close_matches(sys.argv[1:], "export"):
+        _hydra_main()
 
 
 if __name__ == "__main__":
