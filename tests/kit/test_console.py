@@ -32,14 +32,23 @@ def test_off_a_terminal_a_run_prints_one_line_per_epoch_then_a_summary_block_and
         lines = result.stdout.splitlines()
         for n in epochs:
             assert sum(bool(re.fullmatch(EPOCH_LINE.format(n=n, of=epochs[-1]), line)) for line in lines) == 1, result.stdout
-        summary = lines[-3:]
+        summary = lines[-4:]
         assert re.fullmatch(r"test/acc=\d\.\d{4}  val/acc_best=\d\.\d{4}  fit \d+\.\d s  wall \d+\.\d s  [\d,]+ samples/s", summary[0])
-        assert summary[1:] == [f"run dir: {run_dir}", f"TensorBoard: tensorboard --logdir {run_dir}"]
+        assert summary[1] == f"run dir: {run_dir}" and summary[3] == f"TensorBoard: tensorboard --logdir {run_dir}"
+        assert re.fullmatch(r"checkpoints: best_epoch_\d{3}_\d\.\d{4}\.ckpt, last\.ckpt", summary[2])  # what the run wrote
         # Every known-harmless warning would have appeared here (the resume writes into an existing checkpoints/).
         assert result.stderr == ""
 
     log = (run_dir / "train.log").read_text()
     assert re.search(EPOCH_LINE.format(n=3, of=3), log) and f"TensorBoard: tensorboard --logdir {run_dir}" in log
+
+
+def test_the_summary_names_only_what_the_run_wrote(run_main, tmp_path):
+    result = run_main(train_cli.main, "debug=fdr")  # Lightning's fast_dev_run: no logger files, no checkpoints
+    assert result.code == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "logs")
+    assert not list(run_dir.rglob("events.out.tfevents.*")) and not list(run_dir.rglob("*.ckpt"))
+    assert f"run dir: {run_dir}" in result.stdout and "TensorBoard" not in result.stdout and "checkpoints:" not in result.stdout
 
 
 @pytest.mark.slow  # about 10 s: mnist-train in a process of its own

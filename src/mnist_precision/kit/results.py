@@ -48,14 +48,18 @@ def summary(metrics: dict[str, float], run_dir: Path, cfg: DictConfig) -> str:
     if "throughput/samples_per_sec" in metrics:
         parts.append(f"{metrics['throughput/samples_per_sec']:,.0f} samples/s")
     lines = ["  ".join(parts), f"run dir: {run_dir}"]
-    for node in (cfg.get("logger") or {}).values():
+    checkpoints = sorted(path.name for path in (run_dir / "checkpoints").glob("*.ckpt"))
+    if checkpoints:
+        lines.append(f"checkpoints: {', '.join(checkpoints)}")
+    for node in (cfg.get("logger") or {}).values():  # each logger's viewer, for what it wrote (none under fast_dev_run)
         kind = str((node or {}).get("_target_", "")).rsplit(".", 1)[-1]
-        if kind == "TensorBoardLogger":
+        if kind == "TensorBoardLogger" and any(run_dir.rglob("events.out.tfevents.*")):
             lines.append(f"TensorBoard: tensorboard --logdir {run_dir}")
-        elif kind == "MLFlowLogger":
+        elif kind == "MLFlowLogger" and (not (uri := str(node.tracking_uri)).startswith("sqlite:///")
+                                         or Path(uri.removeprefix("sqlite:///")).is_file()):
             lines.append(f"MLflow: mlflow ui --backend-store-uri {node.tracking_uri}")
-        elif kind == "CSVLogger":
-            lines.append(f"CSV: {Path(node.save_dir) / node.name / 'metrics.csv'}")
+        elif kind == "CSVLogger" and (csv := Path(node.save_dir) / node.name / "metrics.csv").is_file():
+            lines.append(f"CSV: {csv}")
     return "\n".join(lines)
 
 
