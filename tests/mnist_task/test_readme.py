@@ -96,6 +96,7 @@ def run_documented(run_main, run_cli, logs: Path, commands: list[str]) -> dict[s
         # run has finished (the docs say what that prints).
         failing = "16-true" in command or command == "mnist-train resume=latest"
         assert result.code == (1 if failing else 0), (command, result.stderr[-2000:])
+        assert failing or result.stderr == "", (command, result.stderr[-2000:])  # nothing a user cannot act on
         if command == "mnist-train resume=latest":
             assert "nothing is left to train. Train on with a larger limit" in result.stderr
         outputs[command] = result.stdout
@@ -106,7 +107,7 @@ def run_documented(run_main, run_cli, logs: Path, commands: list[str]) -> dict[s
 def test_every_readme_command_runs_and_prints_what_the_readme_shows(run_main, run_cli, tmp_path):
     outputs = run_documented(run_main, run_cli, tmp_path / "logs", documented_commands(README))
     first = outputs["mnist-train"].splitlines()
-    assert [shape(line) for line in block_starting_with(README, "test/")] == [shape(line) for line in first[-3:]]
+    assert [shape(line) for line in block_starting_with(README, "test/")] == [shape(line) for line in first[-4:]]
     epoch_line = block_starting_with(README, "epoch 1/")[0]
     assert shape(epoch_line).replace("N/N", "N") in [shape(line).replace("N/N", "N") for line in first]
 
@@ -118,6 +119,22 @@ def test_every_docs_command_runs(run_main, run_cli, tmp_path, page):
     in_readme = set(documented_commands(README)) - {command for command in documented_commands(README) if "<run>" in command}
     commands = [command for command in documented_commands(DOCS[page]) if command not in in_readme or "resume" in command]
     run_documented(run_main, run_cli, tmp_path / "logs", commands)
+
+
+NOISY_BEFORE = {  # documented commands whose libraries printed their own chatter on stderr
+    "profiler": ["debug=profiler", "data.eval_batch_size=20"],  # (5 validation and test batches: the profiler's schedule)
+    "max_steps": ["trainer.max_steps=5"],  # stops before any validation
+    "mlflow": ["logger=mlflow", "trainer.max_epochs=1", *FEW_BATCHES],
+    "optuna": ["hparams_search=mnist_optuna", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1", *FEW_BATCHES],
+}
+
+
+@pytest.mark.slow  # about 35 s: four runs, each in a process of its own, as a user starts them
+@pytest.mark.parametrize("case", NOISY_BEFORE)
+def test_documented_commands_print_nothing_on_stderr_in_a_users_own_process(run_cli, case):
+    result = run_cli("train", *NOISY_BEFORE[case], env={"PYTHONWARNINGS": ""})  # warnings on, as a user has them
+    assert result.code == 0 and result.stderr == "", result.stderr[-2000:]
+    assert "\x1b[" not in result.stdout  # no terminal colour codes in output that goes to a file
 
 
 @pytest.mark.slow  # about 4 s: a 2-job sweep, then the script in a process of its own

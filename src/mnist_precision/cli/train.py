@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from mnist_precision.kit.config import CONF_DIR, command_name
-from mnist_precision.kit.console import setup_job_console, use_job_log
+from mnist_precision.kit.console import quiet_profiler_logs, setup_job_console, use_job_log
 from mnist_precision.kit.dashboard import tags
 from mnist_precision.kit.errors import (
     RunFailed,
@@ -150,6 +150,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.trainer.get("profiler"):
+        quiet_profiler_logs()
     setup_job_console()
     rank = launch_rank()
     new_run = rank == "0" and not cfg.resume  # (main() locked a resumed run before Hydra rewrote its .hydra/ files)

@@ -43,6 +43,8 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
      "a module's configure_callbacks is called when it fits and again when it tests: the test's callbacks replace the fit's"),
     (r"SLURM auto-requeueing enabled\. Setting signal handlers\.",
      "under SLURM, printed by each fit and test: while training, LastCheckpoint's save-and-requeue takes the signal"),
+    (r"Experiment with name \S+ not found\. Creating it\.",
+     "MLFlowLogger's notice when it creates the run's experiment: each run has its own MLflow store (conf/logger/mlflow.yaml)"),
     (r"(Received|Bypassing) SIGTERM: 15",
      "Lightning's notice of a SIGTERM, printed per process; the error line says which signal stopped training and where "
      "the state was saved"),
@@ -84,6 +86,7 @@ def setup_job_console() -> None:
     import lightning  # noqa: F401  (imported here so that its handler exists to be removed)
 
     logging.getLogger("lightning").handlers.clear()
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's own handler prints its store's set-up at INFO
     logging.captureWarnings(True)
     logging.raiseExceptions = False  # a log file on a full disk must not print a traceback per line; the error says why
     threading.excepthook = _thread_exception
@@ -94,6 +97,15 @@ def setup_job_console() -> None:
         return
     for pattern, _ in KNOWN_HARMLESS:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
+
+
+def quiet_profiler_logs() -> None:
+    """For a profiled run (debug=profiler), before torch loads: torch's C++ log (read once, when torch loads) and Kineto,
+    its profiler library, print the profiler's own progress and caveats on stderr ("profiler_start", "Memory block of
+    unknown size was allocated before the profiling started", "gpuGetDeviceCount failed" without a GPU), nothing a
+    user acts on. Set TORCH_CPP_LOG_LEVEL=WARNING or KINETO_LOG_LEVEL=0 to see them."""
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above its highest level (USDT): nothing
 
 
 def _thread_exception(args: threading.ExceptHookArgs) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 def write_metrics(run_dir: Path, metrics: dict, tags: list[str] | None = None) -> None:
@@ -86,6 +86,15 @@ class SweepReport(Callback):
     So the sweep's summary and exit status are right whichever launcher ran the jobs: in this process (Hydra's basic
     launcher), as local processes (submitit_local) or as SLURM jobs. Registered in conf/train.yaml (hydra.callbacks).
     """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Optuna's lines (its study, each trial's result) through Hydra's log on stdout, plain: its own handler writes
+        them on stderr in colour codes, into a redirected log too."""
+        if "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")):
+            import optuna
+
+            optuna.logging.disable_default_handler()
+            optuna.logging.enable_propagation()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         jobs = sorted(path for path in Path(config.hydra.sweep.dir).iterdir() if path.is_dir() and not path.name.startswith("."))
