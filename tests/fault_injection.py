@@ -1,6 +1,7 @@
 """Fault injection for the reliability tests: a callback that sends this process a signal at a given step."""
 
 import os
+import time
 import warnings
 
 import lightning as L
@@ -13,6 +14,17 @@ class SendSignalAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class SleepAtStep(L.Callback):
+    """Sleeps after the given global step: past `trainer.max_time`, Lightning's Timer stops the run there."""
+
+    def __init__(self, step: int, seconds: float):
+        self.step, self.seconds = step, seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            time.sleep(self.seconds)
 
 
 class PoisonInputAtSteps(L.Callback):

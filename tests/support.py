@@ -121,6 +121,17 @@ def tensorboard_events(run_dir: Path) -> EventAccumulator:
     return accumulator
 
 
+def assert_same_epoch_scalars(straight: Path, resumed: Path) -> None:
+    """Every scalar an uninterrupted run logged (timings aside) has the same value at the same step in a resumed run's
+    TensorBoard: its epochs report as the uninterrupted run's (a stopped session's partial epoch may add points)."""
+    a, b = tensorboard_events(straight), tensorboard_events(resumed)
+    tags = [tag for tag in a.Tags()["scalars"] if not tag.startswith(("throughput/", "time/", "memory/"))]
+    assert {"train/loss_epoch", "val/acc"} <= set(tags)
+    for tag in tags:
+        after = {event.step: event.value for event in b.Scalars(tag)}  # (the resumed session's value, where both logged)
+        assert {event.step: event.value for event in a.Scalars(tag)}.items() <= after.items(), (tag, [(e.step, e.value) for e in a.Scalars(tag)], [(e.step, e.value) for e in b.Scalars(tag)])
+
+
 def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of each event of one scalar in a run's TensorBoard directory, read with TensorBoard's own reader."""
     return [(event.step, event.value) for event in tensorboard_events(run_dir).Scalars(tag)]

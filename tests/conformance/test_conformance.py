@@ -19,7 +19,7 @@ import pytest
 import torch
 from host_reads import count_host_reads
 from omegaconf import open_dict
-from support import assert_same_training_state, load, quadrants, straight_and_resumed
+from support import assert_same_epoch_scalars, assert_same_training_state, load, quadrants, straight_and_resumed
 
 from mnist_precision.cli.train import train
 from mnist_precision.kit.build import build_run
@@ -98,10 +98,36 @@ def test_sigterm_mid_epoch_then_resume_is_exact_where_the_loader_saves_its_posit
         assert "the exact state is saved" in str(stopped.value)
         train(cfg)
         assert_same_training_state(load(tmp_path / "straight/checkpoints/last.ckpt"), load(tmp_path / "run/checkpoints/last.ckpt"))
+        assert_same_epoch_scalars(tmp_path / "straight", tmp_path / "run")  # the cut epoch reports as a whole one
     else:
         assert "not exactly" in str(stopped.value) and "exact state" not in str(stopped.value)
         with pytest.warns(UserWarning, match=r"not exactly: the training loader cannot save its position"):
             train(cfg)
+
+
+STOPS = {"max_steps": ["trainer.max_steps=11"],  # 3 batches into the second epoch
+         "max_time": ["+trainer.max_time={seconds: 1}", "+callbacks.slow._target_=fault_injection.SleepAtStep",
+                      "+callbacks.slow.step=11", "+callbacks.slow.seconds=1.5"]}  # at step 11, or sooner on a slow machine
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_a_run_stopped_mid_epoch_and_resumed_reports_its_epochs_as_an_uninterrupted_one(make_config, tmp_path, stop, capsys):
+    """After a max_steps or max_time stop and a resume, every logged scalar of the finished epochs (the training
+    monitor's loss, the task's metrics, validation) equals an uninterrupted run's, and the cut epoch gets its line."""
+    if not saves_position(make_config):
+        pytest.skip("this loader cannot save its position, so a mid-epoch resume is not exact (and says so: the test above)")
+    train(make_config("trainer.max_epochs=3", output_dir=tmp_path / "straight"))
+    cfg = make_config("trainer.max_epochs=3", *STOPS[stop], output_dir=tmp_path / "run")
+    train(cfg)
+    stopped_at = load(tmp_path / "run/checkpoints/last.ckpt")["global_step"]
+    assert 0 < stopped_at < load(tmp_path / "straight/checkpoints/last.ckpt")["global_step"]
+    with open_dict(cfg):
+        cfg.resume, cfg.trainer.max_steps, cfg.trainer.max_time = str(tmp_path / "run"), -1, None
+        cfg.callbacks.pop("slow", None)
+    capsys.readouterr()
+    train(cfg)
+    assert_same_training_state(load(tmp_path / "straight/checkpoints/last.ckpt"), load(tmp_path / "run/checkpoints/last.ckpt"))
+    assert_same_epoch_scalars(tmp_path / "straight", tmp_path / "run")
 
 
 def test_the_guard_stops_a_run_at_its_first_non_finite_loss(make_config, tmp_path):

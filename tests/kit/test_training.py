@@ -27,6 +27,21 @@ def test_16_mixed_on_cpu_really_uses_float16_autocast_and_loss_scaling(make_conf
         assert torch.nn.Linear(2, 2)(torch.rand(1, 2)).dtype == torch.float16
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-master", "bf16-master"])
+def test_a_metric_logged_from_a_step_takes_its_inputs_in_fp32_under_half_precisions(make_config, precision):
+    """`self.log("val/loss", self.val_loss)` moves the metric inside the step, and torchmetrics takes its dtype from a
+    tensor made then: under Lightning's half default dtype, every later value would be cast to half before it is
+    averaged (val/loss quantised to 3 or 4 digits). The half default is set around the model's forward alone."""
+    run = build_run(make_config(f"precision={precision}", "trainer.max_epochs=1"))
+    run.fit()
+    assert run.model.val_loss.dtype == torch.float32 and run.model.val_acc.dtype == torch.float32
+    assert torch.get_default_dtype() == torch.float32
+    with run.trainer.precision_plugin.forward_context():  # (the plugin's context no longer changes it) ...
+        assert torch.get_default_dtype() == torch.float32
+    x = torch.rand(2, *next(iter(run.datamodule.val_dataloader()))[0].shape[1:]).to(run.trainer.precision_plugin.dtype)
+    assert run.model(x).dtype == torch.float32  # ... the forward runs in half and returns FP32
+
+
 def test_the_model_learns_the_task_and_the_best_monitored_value_is_reported(make_config):
     metrics = train(make_config("trainer.max_epochs=3"))
     assert metrics["test/acc"] > 0.9 and metrics["val/acc_best"] > 0.9

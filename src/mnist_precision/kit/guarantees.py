@@ -8,12 +8,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from torchmetrics import Metric
 
-from mnist_precision.kit.private_api import batches_processed_this_epoch
+from mnist_precision.kit.private_api import batches_processed_this_epoch, metric_update_count, restore_metric_state
 
 
 def apply(trainer: L.Trainer, model: L.LightningModule) -> None:
     trainer.callbacks.append(RandomState())
+    trainer.callbacks.append(MetricStates())
     if getattr(trainer.precision_plugin, "scaler", None) is not None:  # 16-mixed, 16-master, bf16-master
         hold = HoldScheduleOnSkippedSteps(model.lr_scheduler_step)
         trainer.callbacks.append(hold)
@@ -64,6 +66,40 @@ class RandomState(L.Callback):
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricStates(L.Callback):
+    """The running states of the module's torchmetrics metrics in a checkpoint saved mid-epoch, and back when a run
+    resumes from it, so the resumed epoch's metrics (an accuracy accumulated over the epoch's batches) count the whole
+    epoch, as an uninterrupted run's do. Lightning saves a metric's states only if they are persistent, which
+    torchmetrics' are not by default; a task's module stays as it is. Under DDP each process holds its own states and
+    rank 0's are saved: a resumed epoch's metric then counts the other ranks' batches from the resume on."""
+
+    def __init__(self) -> None:
+        self._saved: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not 0 < batches_processed_this_epoch(trainer) < trainer.num_training_batches:
+            return {}  # at an epoch's end the module resets its metrics as the next epoch begins
+        return {name: {"state": {key: value.detach().clone() if torch.is_tensor(value) else [v.detach().clone() for v in value]
+                                 for key, value in metric.metric_state.items()}, "updates": metric_update_count(metric)}
+                for name, metric in trainer.lightning_module.named_modules() if isinstance(metric, Metric)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._saved or not trainer.is_global_zero:
+            return
+        metrics = dict(pl_module.named_modules())
+        for name, saved in self._saved.items():
+            if isinstance(metrics.get(name), Metric):
+                restore_metric_state(metrics[name], saved["state"], saved["updates"])
+        self._saved = {}
 
 
 class HoldScheduleOnSkippedSteps(L.Callback):

@@ -56,14 +56,36 @@ class TrainingMonitor(L.Callback):
         self.history: list[tuple[int, float]] = []  # (samples, training seconds) per epoch, for mnist-bench
         self.fit_seconds: float | None = None
         self._fit_clock: Stopwatch | None = None
+        self._restored: tuple[float, int] = (0.0, 0)  # the epoch's sums in the checkpoint a run resumed from
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(pl_module.device)
         self._loss_sum, self._loss_samples = 0.0, 0
         self._start, self._samples, self._timing = time.perf_counter(), 0, True
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch's running loss sum so far, so that a run resumed mid-epoch reports the epoch's `train/loss_epoch` as an
+        uninterrupted run does. (Lightning asks for this before `on_save_checkpoint`: the losses are checked first.)"""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return {"loss_sum": self._loss_sum, "loss_samples": self._loss_samples}
+        self.check_losses(trainer)
+        totals = torch.tensor([self._loss_sum, float(self._loss_samples)], dtype=torch.float64, device=trainer.strategy.root_device)
+        loss_sum, samples = trainer.strategy.reduce(totals, reduce_op="sum").tolist()  # every rank's (every rank saves)
+        return {"loss_sum": loss_sum, "loss_samples": int(samples)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = (state_dict.get("loss_sum", 0.0), state_dict.get("loss_samples", 0))
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_clock = Stopwatch(pl_module.device)
+        # A run resumed mid-epoch gets no on_train_epoch_start for that epoch: its sums go on from the checkpoint's
+        # (every rank's together, restored on rank 0 alone: the epoch's all-reduce counts them once), its clock from here.
+        self._loss_sum, self._loss_samples = self._restored if trainer.is_global_zero else (0.0, 0)
+        self._start, self._samples, self._timing = time.perf_counter(), 0, True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._fit_clock is not None:

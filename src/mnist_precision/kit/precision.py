@@ -7,6 +7,7 @@ gets (`TruePrecision`); `16-master`/`bf16-master` are this project's FP32 master
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -33,15 +34,32 @@ class TruePrecision(HalfPrecision):
     def __init__(self, precision: str = "16-true") -> None:
         super().__init__(precision)  # type: ignore[arg-type]
         self.dtype = torch.bfloat16 if precision == "bf16-true" else torch.float16
-        self._fp32_outputs: Any = None  # the forward hook's handle
+        self._hooks: list[Any] = []  # the forward hooks' handles
+        self._outer_dtype = torch.float32  # the default dtype outside the model's forward
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         self._to_half(module)
-        if self._fp32_outputs is not None:  # (called again for each stage of the same trainer: one hook is enough)
-            self._fp32_outputs.remove()
-        self._fp32_outputs = module.register_forward_hook(outputs_to_fp32)
+        for handle in self._hooks:  # (called again for each stage of the same trainer: one pair of hooks is enough)
+            handle.remove()
+        self._hooks = [module.register_forward_pre_hook(self._half_default_dtype),
+                       module.register_forward_hook(self._fp32_outputs, always_call=True)]
         return module
+
+    @override
+    def forward_context(self) -> AbstractContextManager:
+        """Lightning's half default dtype (for tensors a forward creates) is set around the model's forward alone (the
+        hooks above), not around the whole step: a step's `self.log(name, metric)` moves the metric, and torchmetrics
+        takes its dtype from a tensor made then, so under a half default every later input would be cast to half."""
+        return nullcontext()
+
+    def _half_default_dtype(self, module: nn.Module, inputs: Any) -> None:
+        self._outer_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def _fp32_outputs(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        torch.set_default_dtype(self._outer_dtype)
+        return outputs_to_fp32(module, inputs, output)
 
     @override
     def convert_input(self, data: Any) -> Any:

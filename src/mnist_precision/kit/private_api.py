@@ -1,4 +1,4 @@
-"""Every use of a private Lightning or torch API in the template, in one place, each where no public one exists.
+"""Every use of a private Lightning, torch or torchmetrics API in the template, in one place, each where no public one exists.
 
 A copied template lives through upgrades of both. `tests/kit/test_private_api.py` checks each function here
 against the behaviour it stands for, so an upgrade that changes one fails there, by name, not somewhere deep
@@ -7,11 +7,14 @@ in a training run.
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 # The normalisation layers the master copy keeps in FP32. torch's public classes share two private bases: BatchNorm1d-3d,
 # SyncBatchNorm and the lazy ones derive from _BatchNorm, InstanceNorm1d-3d from _InstanceNorm.
@@ -89,3 +92,19 @@ def found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) ->
     device sync every step; kept as a tensor, the skipped-step count is one on-device addition.
     """
     return sum(scaler._found_inf_per_device(optimizer).values())
+
+
+def metric_update_count(metric: Metric) -> int:
+    """How many times a torchmetrics metric was updated since its reset (`Metric._update_count`, private): `compute`
+    warns, and its value is undefined, while it is 0. A resumed metric state must carry it."""
+    return metric._update_count
+
+
+def restore_metric_state(metric: Metric, state: dict[str, Any], update_count: int) -> None:
+    """Put a metric's states (its `metric_state`, public) back with their update count; its cached result is dropped
+    (`Metric._computed`, private), as `Metric.reset` drops it."""
+    for name, value in state.items():  # (a tensor state takes the live one's device and dtype: the run's, not the saver's)
+        current = getattr(metric, name)
+        setattr(metric, name, [v.to(metric.device) for v in value] if isinstance(value, list) else value.to(current.device, current.dtype))
+    metric._update_count = update_count
+    metric._computed = None
