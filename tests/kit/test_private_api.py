@@ -17,6 +17,8 @@ from mnist_precision.kit.private_api import (
     batches_processed_this_epoch,
     epochs_trained,
     found_inf,
+    metric_update_count,
+    restore_metric_state,
     run_after_closure,
     saves_within_epochs,
     should_log_this_step,
@@ -173,3 +175,20 @@ def test_run_after_closure_calls_the_optimizer_step_hooks_then_clips(monkeypatch
     monkeypatch.setattr(plugin, "clip_gradients", lambda optimizer, clip_val, gradient_clip_algorithm: calls.append(("clip", clip_val)))
     run_after_closure(plugin, model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert calls == ["hook", ("clip", 0.5)]
+
+
+def test_a_metric_state_put_back_with_its_update_count_computes_as_the_original():
+    import warnings
+
+    from torchmetrics import MeanMetric
+
+    original = MeanMetric()
+    original.update(torch.tensor([1.0, 2.0]))
+    original.update(torch.tensor(6.0))
+    assert metric_update_count(original) == 2
+    copy = MeanMetric()
+    restore_metric_state(copy, {name: value.clone() for name, value in original.metric_state.items()}, metric_update_count(original))
+    assert metric_update_count(copy) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchmetrics warns when a metric computes with no update counted
+        assert copy.compute() == original.compute() == 3.0
