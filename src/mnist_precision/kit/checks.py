@@ -83,8 +83,10 @@ def _unread_keys(cfg: DictConfig) -> list[str]:
             continue
         parts = key[1:].split(".")
         nodes = [OmegaConf.select(cfg, ".".join(parts[:n])) for n in range(1, len(parts) + 1)]
+        parent = nodes[-2]
+        if not OmegaConf.is_dict(parent) or parts[-1] not in parent:
+            continue  # removed again by a later override (a resume's ~callbacks.<name>)
         if parts[0] in known and not any(OmegaConf.is_dict(node) and "_target_" in node for node in nodes):
-            parent = nodes[-2]
             siblings = [str(name) for name in parent if name != parts[-1]] if OmegaConf.is_dict(parent) else []
             problems.append(f"{key}: nothing reads {key[1:]}{_close_match(parts[-1], siblings, '.'.join(parts[:-1]) + '.')}")
     return problems

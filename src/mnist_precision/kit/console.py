@@ -37,6 +37,8 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
      "would cost one all-reduce each, an epoch, for nothing"),
     (r"is an Enum subclass and is now natively supported by torch.compile",
      "torchao 0.18 registers an Enum with torch's pytree on import, which torch 2.14 deprecates; nothing to do for users"),
+    (r"'set_vital' is deprecated, please do not call",
+     "torchdata 0.11's StatefulDataLoader calls torch.set_vital, which torch 2.14 deprecates; torchdata's to fix, no effect"),
     (r"No CUDA runtime is found, using CUDA_HOME",
      "torch.utils.cpp_extension, imported by torch's compile stack, reports a CUDA toolkit on a machine without a GPU"),
     (r"The following callbacks returned in `LightningModule.configure_callbacks` will override existing callbacks",
