@@ -383,6 +383,18 @@ def test_ckpt_path_a_run_directory_takes_its_last_checkpoint_and_says_so(run_mai
     assert f"ckpt_path={given}: taking {run_dir / 'checkpoints/last.ckpt'}" in evaluated.stdout and "test/acc=" in evaluated.stdout
 
 
+def test_a_missing_checkpoint_or_run_names_the_nearest_runs(run_main, tmp_path):
+    assert run_main(train_cli.main, "trainer.max_epochs=1").code == 0
+    run_dir = only_run_dir(tmp_path / "logs")
+    cut = run_dir.parent / run_dir.name[:-3]  # a run name cut short, as a terminal's copy may leave it
+    for main, arg in ((train_cli.main, f"ckpt_path={cut}/checkpoints/last.ckpt"), (eval_cli.main, f"ckpt_path={cut}/checkpoints/last.ckpt"),
+                      (train_cli.main, f"resume={cut}")):
+        result = run_main(main, arg)
+        assert result.code == 1 and f"Runs with a close name: {run_dir}" in result.stderr, result.stderr
+    result = run_main(train_cli.main, f"ckpt_path={tmp_path / 'elsewhere.ckpt'}")
+    assert result.code == 1 and f"does not exist. The latest runs: {run_dir}" in result.stderr, result.stderr
+
+
 def test_ckpt_path_a_directory_without_a_checkpoint_lists_what_it_holds(run_main, tmp_path):
     empty = tmp_path / "not_a_run"
     empty.mkdir()

@@ -98,18 +98,32 @@ def saved_overrides(run_dir: Path) -> list[str]:
     return overrides
 
 
-def check_checkpoint(path: Path, what: str) -> None:
-    """A clear error unless `path` is a readable Lightning checkpoint."""
+def check_checkpoint(path: Path, what: str, log_dir: Path | None = None) -> None:
+    """A clear error unless `path` is a readable Lightning checkpoint (a missing one names the runs nearest to it)."""
     import torch  # here, not at the top: `mnist-train --help` must not wait for torch
 
     if not path.is_file():
-        raise UserError(f"{what}: {path} does not exist.")
+        raise UserError(f"{what}: {path} does not exist.{nearest_runs(path, log_dir)}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types for truncated or foreign files
         raise UserError(f"{what}: {path} is not a readable checkpoint (truncated or corrupt?): {first_line(error)}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{what}: {path} is a torch file but not a Lightning checkpoint (no state_dict).")
+
+
+def nearest_runs(path: Path, log_dir: Path | None) -> str:
+    """` Runs with a close name: ...`, or ` The latest runs: ...`: the training runs under `log_dir` that have a last.ckpt,
+    for a path that does not exist (a mistyped or cut run name)."""
+    runs = [ckpt.parent.parent for ckpt in (*log_dir.glob(f"train/*/{LAST_CHECKPOINT}"), *log_dir.glob(f"multirun/*/*/{LAST_CHECKPOINT}"))] if log_dir else []
+    if not runs:
+        return ""
+    run_part = next((part for part in reversed(path.parts) if part not in ("checkpoints", LAST_CHECKPOINT.name) and not part.endswith(".ckpt")), "")
+    close = difflib.get_close_matches(run_part, [run.name for run in runs], n=3, cutoff=0.6)
+    if close:
+        return " Runs with a close name: " + ", ".join(str(run) for name in close for run in runs if run.name == name)
+    latest = sorted(runs, key=lambda run: (run / LAST_CHECKPOINT).stat().st_mtime, reverse=True)[:3]
+    return " The latest runs: " + ", ".join(map(str, latest))
 
 
 def is_run_dir(path: Path) -> bool:
@@ -210,7 +224,7 @@ def train_argv(argv: list[str]) -> list[str]:
         raise UserError("give either resume=<run_dir> (continue a run) or ckpt_path=<file> (new run from a checkpoint), not both.")
     if ckpt:
         path = checkpoint_file(ckpt)
-        check_checkpoint(path, f"ckpt_path={ckpt}")
+        check_checkpoint(path, f"ckpt_path={ckpt}", log_dir_from(argv))
         argv = [arg for arg in argv if override_key(arg) != "ckpt_path"] + [f"ckpt_path='{path}'"]
     if resume is None:
         return argv
@@ -218,7 +232,7 @@ def train_argv(argv: list[str]) -> list[str]:
         raise UserError("resume= continues one run; it cannot be combined with -m/--multirun.")
     run_dir = find_latest_run(log_dir_from(argv)) if resume == "latest" else Path(resume).expanduser().resolve()
     if not run_dir.is_dir():
-        raise UserError(f"resume={resume}: {run_dir} is not a directory.")
+        raise UserError(f"resume={resume}: {run_dir} is not a directory.{nearest_runs(run_dir, log_dir_from(argv))}")
     if not is_run_dir(run_dir):
         raise UserError(f"resume={resume}: {run_dir} is not a training run directory (it has no {SAVED_OVERRIDES}).")
     check_checkpoint(run_dir / LAST_CHECKPOINT, f"resume={resume}")
@@ -235,7 +249,7 @@ def eval_argv(argv: list[str]) -> list[str]:
     if ckpt is None:
         raise UserError(f"{command_name('eval')} needs a checkpoint: {command_name('eval')} ckpt_path=logs/train/<run>/checkpoints/last.ckpt")
     path = checkpoint_file(ckpt)
-    check_checkpoint(path, f"ckpt_path={ckpt}")
+    check_checkpoint(path, f"ckpt_path={ckpt}", log_dir_from(argv))
     run_dir = path.parent.parent
     saved = saved_overrides(run_dir) if is_run_dir(run_dir) else []
     return merge_overrides(saved, [arg for arg in argv if override_key(arg) != "ckpt_path"] + [f"ckpt_path='{path}'"])
