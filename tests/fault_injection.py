@@ -40,13 +40,14 @@ class PoisonInputAtSteps(L.Callback):
 
 
 class RaiseAtStep(L.Callback):
-    """Raises an unexpected error (not a UserError) after the given optimizer step: a bug, as the user meets it."""
+    """Raises an unexpected error (not a UserError) after the given optimizer step, on one rank or all: a bug, as the
+    user meets it."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, rank: int | None = None):
+        self.step, self.rank = step, rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             raise RuntimeError("injected failure")
 
 

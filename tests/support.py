@@ -25,7 +25,11 @@ from mnist_precision.kit.build import compose_training_config
 
 TESTS = Path(__file__).resolve().parent
 QUADRANTS_CONF = TESTS / "quadrants" / "conf"
-QUIET = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1"]
+# Every test run: on the CPU, no bars, and torch's default number of threads fixed for the session (threads=auto picks by
+# the machine's load, and runs a test compares bit for bit must sum in the same order).
+THREADS = f"threads={torch.get_num_threads()}"
+QUIET = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
+         THREADS]
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def task_env(task: Task, *python_path: Path, **extra: str) -> dict[str, str]:
 
 def compose_config(task: Task, overrides: list[str], output_dir: Path, quiet: bool = True) -> DictConfig:
     """The training config as `mnist-train` composes it for `task`, writing into `output_dir` (QUIET: on the CPU, no bars)."""
-    cfg = compose_training_config([*task.overrides, *(QUIET if quiet else ["trainer=cpu"]), *overrides], output_dir)
+    cfg = compose_training_config([*task.overrides, *(QUIET if quiet else ["trainer=cpu", THREADS]), *overrides], output_dir)
     with open_dict(cfg):
         cfg.paths.log_dir = str(output_dir)
     return cfg

@@ -113,6 +113,25 @@ def test_a_sweep_over_ddp_makes_one_sweep_dir_and_each_job_runs_once_on_both_ran
     assert result.stdout.count("test/acc=") == 2 and result.stdout.count("sweep of 2 job(s)") == 1
 
 
+@pytest.mark.slow  # about 40 s: two sweeps of DDP jobs
+def test_a_ddp_sweep_goes_on_past_a_job_that_fails_on_any_rank_and_ends_with_its_summary(run_cli, tmp_path):
+    # lightning-hydra-template's own DDP sweep test, verbatim: Lightning refuses every job (fractions of < 1 batch)
+    refused = run_cli("train", "-m", "trainer=ddp_cpu", "trainer.max_epochs=3", "+trainer.limit_train_batches=0.01",
+                      "+trainer.limit_val_batches=0.1", "+trainer.limit_test_batches=0.1", "optimizer.lr=0.005,0.01,0.02",
+                      log_dir=tmp_path / "refused", timeout=400)
+    assert refused.code == 1, refused.stderr[-3000:]  # the sweep's own status, not 137: nothing was SIGKILLed
+    assert "3 job(s) of the sweep failed" in refused.stderr and "Forcefully terminating" not in refused.stdout + refused.stderr
+    # one job's rank 1 raises mid-training: that job fails, the others run, the sweep ends with its summary
+    one = run_cli("train", "-m", "trainer=ddp_cpu", "trainer.max_epochs=1", "+callbacks.fault._target_=fault_injection.RaiseAtStep",
+                  "+callbacks.fault.rank=1", "+callbacks.fault.step=2,1000", log_dir=tmp_path / "one", timeout=400)
+    assert one.code == 1, one.stderr[-3000:]
+    assert "1 job(s) of the sweep failed" in one.stderr and "another process of this 2-process DDP job stopped" in one.stderr
+    assert "sweep of 1 job(s): test/acc" in one.stdout
+    jobs = sweep_jobs(only_run_dir(tmp_path / "one", "multirun"))
+    assert "injected failure" in (jobs[0] / "train_rank_1.log").read_text() and "test/acc" in json.loads((jobs[1] / "metrics.json").read_text())
+    assert one.stderr.count("injected failure") == 0  # rank 1's error is in its log; rank 0 says where
+
+
 def test_help_lists_every_config_group_and_the_machinerys_options(run_main):
     result = run_main(train_cli.main, "--help", fast=False)
     assert result.code == 0
@@ -193,6 +212,7 @@ BAD_TRAIN_INPUTS = {
     "checkpointing off beside the checkpoint callbacks": (["trainer.enable_checkpointing=false"],
                                                           "trainer: Trainer was configured with `enable_checkpointing=False` but found `ModelCheckpoint`"),
     "a seed that is not a number": (["seed=abc"], "seed must be an integer, got 'abc'"),
+    "no threads": (["threads=0"], "threads must be auto or a number of threads >= 1, got 0"),
     "tags that are not a list": (["tags=a"], "tags must be a list of labels, as in tags=[baseline,ablation], got 'a'"),
     "a top-level key nothing reads": (["+tag=x"], "tag: nothing reads this key (did you mean tags?)"),
     "a key appended where nothing reads it": (["+monitor.metrc=val/loss"], "+monitor.metrc: nothing reads monitor.metrc (did you mean monitor.metric?)"),

@@ -33,7 +33,7 @@ def test_off_a_terminal_a_run_prints_one_line_per_epoch_then_a_summary_block_and
         for n in epochs:
             assert sum(bool(re.fullmatch(EPOCH_LINE.format(n=n, of=epochs[-1]), line)) for line in lines) == 1, result.stdout
         summary = lines[-4:]
-        assert re.fullmatch(r"test/acc=\d\.\d{4}  val/acc_best=\d\.\d{4}  fit \d+\.\d s  wall \d+\.\d s  [\d,]+ samples/s", summary[0])
+        assert re.fullmatch(r"test/acc=\d\.\d{4}  val/acc_best=\d\.\d{4}  fit \d+\.\d s  wall \d+\.\d s  [\d,]+ samples/s  threads \d+", summary[0])
         assert summary[1] == f"run dir: {run_dir}" and summary[3] == f"TensorBoard: tensorboard --logdir {run_dir}"
         assert re.fullmatch(r"checkpoints: best_epoch_\d{3}_\d\.\d{4}\.ckpt, last\.ckpt", summary[2])  # what the run wrote
         # Every known-harmless warning would have appeared here (the resume writes into an existing checkpoints/).

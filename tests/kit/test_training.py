@@ -42,6 +42,39 @@ def test_a_metric_logged_from_a_step_takes_its_inputs_in_fp32_under_half_precisi
     assert run.model(x).dtype == torch.float32  # ... the forward runs in half and returns FP32
 
 
+@pytest.mark.parametrize(("setting", "load", "omp", "threads"), [
+    ("auto", 0.2, None, 2),   # an idle machine: torch's default, one per core
+    ("auto", 1.1, None, 1),   # another process keeps a core busy: one thread per free core
+    ("auto", 3.5, None, 1),   # oversubscribed: never fewer than one
+    ("auto", 3.5, "2", 2),    # OMP_NUM_THREADS is the user's choice: kept
+    (3, 3.5, None, 3),        # a number is taken as it is
+])
+def test_threads_auto_keeps_torchs_default_unless_other_processes_keep_the_cores_busy(monkeypatch, setting, load, omp, threads):
+    from mnist_precision.kit.build import intra_op_threads
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert intra_op_threads(setting) == threads
+
+
+def test_a_resumed_auto_run_keeps_the_thread_count_its_checkpoint_was_trained_with(make_config, tmp_path, monkeypatch):
+    """A reduction split over another number of threads sums in another order: a resume is exact only on as many."""
+    before = torch.get_num_threads()
+    try:
+        assert train(make_config("threads=2", "trainer.max_epochs=1"))["threads"] == 2
+        monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # auto alone would now pick one thread
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert train(make_config("threads=auto", "trainer.max_epochs=2", f"resume={tmp_path / 'run'}"))["threads"] == 2
+        assert train(make_config("threads=auto", "trainer.max_epochs=1", output_dir=tmp_path / "new"))["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_model_learns_the_task_and_the_best_monitored_value_is_reported(make_config):
     metrics = train(make_config("trainer.max_epochs=3"))
     assert metrics["test/acc"] > 0.9 and metrics["val/acc_best"] > 0.9

@@ -34,6 +34,7 @@ from mnist_precision.kit.errors import (
     explain_checkpoint_mismatch,
     explain_failed_rendezvous,
     explain_full_disk,
+    explain_lost_peer,
     log_job_error,
     report_user_errors,
 )
@@ -46,6 +47,7 @@ from mnist_precision.kit.launch import (
     requeue_slurm_job,
     requeued_run,
     slurm_job_id,
+    started_by_lightning_for_another_rank,
     trained_by_this_slurm_job,
 )
 from mnist_precision.kit.results import summary, write_metrics
@@ -71,6 +73,7 @@ LOG = logging.getLogger("mnist_precision")
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (resuming if asked), test the best checkpoint, log hparams with the final metrics; return them."""
+    import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from mnist_precision.kit.build import build_run
@@ -84,7 +87,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_training_left(run.trainer, ckpt_path, f"resume={cfg.resume}" if cfg.resume else f"ckpt_path={cfg.ckpt_path}")
     log_dashboard(run.trainer, cfg, {})  # the layout and the knobs from the start; the metrics at the end
     try:
-        with explain_checkpoint_mismatch(ckpt_path), explain_failed_rendezvous(run.trainer):
+        with explain_checkpoint_mismatch(ckpt_path), explain_failed_rendezvous(run.trainer), explain_lost_peer(run.trainer):
             run.fit(ckpt_path)
     except SIGTERMException:
         raise interrupted(run.trainer) from None
@@ -99,6 +102,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run.test(best.best_model_path if best is not None else None, verbose=False)  # the summary block reports the results
         metrics.update(as_floats(run.trainer.callback_metrics))
     metrics["memory/peak_mb"] = peak_memory_mb(run.trainer.strategy.root_device)
+    metrics["threads"] = torch.get_num_threads()  # (threads=auto's choice, or the count a resumed run kept)
     metrics["time/wall_seconds"] = time.perf_counter() - started
     log_dashboard(run.trainer, cfg, metrics)
     return metrics
@@ -157,7 +161,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     new_run = rank == "0" and not cfg.resume  # (main() locked a resumed run before Hydra rewrote its .hydra/ files)
     at_start = job_entries(run_dir)
     if rank != "0":  # another process of a DDP job (see ddp_rank_argv): its own log, in the job's directory
-        use_job_log(run_dir / f"{hydra_cfg.job.name}_rank_{rank}.log")
+        use_job_log(run_dir / f"{hydra_cfg.job.name}_rank_{rank}.log", console=not started_by_lightning_for_another_rank())
         LOG.info(f"rank {rank} of the job {' '.join(hydra_cfg.overrides.task)}")
     elif not cfg.resume and trained_by_this_slurm_job(run_dir):  # requeued by SLURM, relaunched by submitit: resume in place
         LOG.info(f"SLURM job {slurm_job_id()} was requeued: resuming {run_dir}")
@@ -176,7 +180,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         code = log_job_error(error)
         if rank != "0" or not is_rank_zero() or getattr(error, "requeued", False):
             # (requeued: the job runs again and writes its result then; a sweep's launcher must not see one now)
-            raise SystemExit(code) from None
+            raise SystemExit(0 if started_by_lightning_for_another_rank() else code) from None
         sweep = hydra_cfg.mode == RunMode.MULTIRUN
         refused = refused_input(error)
         if sweep or not refused:

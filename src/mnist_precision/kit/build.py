@@ -60,6 +60,7 @@ def build_run(cfg: DictConfig) -> Run:
     check_config(cfg)
     skip_nvml_probe_without_gpu()
     torch.set_float32_matmul_precision(cfg.matmul_precision)
+    torch.set_num_threads(intra_op_threads(cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     precision = precision_arguments(cfg.precision, cfg.trainer)
     check_optimizer_and_scheduler(cfg, precision.get("plugins", []))
@@ -75,9 +76,22 @@ def build_run(cfg: DictConfig) -> Run:
     trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **precision, **no_profiler,
                     _convert_="all")
     datamodule = build("data", cfg.data)
-    guarantees.apply(trainer, model)
+    guarantees.apply(trainer, model, keep_saved_threads=cfg.threads == "auto")
     trainer.callbacks.append(speedups.Speedups())
     return Run(datamodule, model, trainer)
+
+
+def intra_op_threads(setting: int | str) -> int:
+    """`threads=N`: N. `threads=auto`: torch's default (OMP_NUM_THREADS, else one per core) unless other processes keep
+    the cores busy, then one thread per core they leave free (the 1-minute load average), at least one. On a shared
+    machine a thread per core oversubscribes: docs/performance.md has the measurement."""
+    if setting != "auto":
+        return int(setting)
+    default = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return default
+    free = len(os.sched_getaffinity(0)) - os.getloadavg()[0]
+    return max(1, min(default, round(free)))
 
 
 def usable(callback: L.Callback, trainer: DictConfig, loggers: list[Any]) -> bool:

@@ -58,6 +58,9 @@ def check_config(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "precision.name") in ("16-master", "bf16-master") and ("fsdp" in strategy or "deepspeed" in strategy):
         problems.append(f"precision={cfg.precision.name} cannot be combined with strategy={strategy}: that strategy shards the "
                         "parameters and keeps its own FP32 copies. Use its own mixed precision (precision=bf16-mixed) or strategy=ddp.")
+    threads = cfg.get("threads")
+    if threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        problems.append(f"threads must be auto or a number of threads >= 1, got {threads!r}")
     if cfg.matmul_precision not in ("highest", "high", "medium"):
         problems.append(f"matmul_precision must be highest, high or medium, got {cfg.matmul_precision!r}")
     problems += _check_devices(cfg.trainer)

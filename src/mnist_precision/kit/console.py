@@ -120,10 +120,14 @@ def _thread_exception(args: threading.ExceptHookArgs) -> None:
     threading.__excepthook__(args)
 
 
-def use_job_log(path: Path) -> None:
+def use_job_log(path: Path, console: bool = True) -> None:
     """Send what Hydra's job logging writes to the job's log file to `path` instead: for the other processes of a DDP
-    job, which share the job's directory (train.log is rank 0's)."""
+    job, which share the job's directory (train.log is rank 0's). Without `console`, to that file alone: processes that
+    share rank 0's terminal would print each error again."""
     root = logging.getLogger()
+    if not console:
+        for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+            root.removeHandler(handler)
     for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
         replacement = logging.FileHandler(path)
         replacement.setFormatter(handler.formatter)

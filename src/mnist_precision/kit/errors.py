@@ -133,6 +133,22 @@ def explain_failed_rendezvous(trainer) -> Iterator[None]:
         ) from None
 
 
+@contextmanager
+def explain_lost_peer(trainer) -> Iterator[None]:
+    """Another process of a DDP job stopped mid-run (its own error, or killed): rank 0's next collective fails on the
+    closed connection. Say so, and where that process's error is, instead of gloo's socket error."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as error:
+        if trainer.world_size == 1 or not any(text in str(error) for text in ("Connection closed by peer", "Connection reset by peer")):
+            raise
+        run_dir = Path(trainer.default_root_dir)
+        raise RunFailed(f"another process of this {trainer.world_size}-process DDP job stopped at step {trainer.global_step}; its "
+                        f"error is in its log ({run_dir}/train_rank_<rank>.log), or it was killed.") from None
+
+
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 

@@ -13,8 +13,8 @@ from torchmetrics import Metric
 from mnist_precision.kit.private_api import batches_processed_this_epoch, metric_update_count, restore_metric_state
 
 
-def apply(trainer: L.Trainer, model: L.LightningModule) -> None:
-    trainer.callbacks.append(RandomState())
+def apply(trainer: L.Trainer, model: L.LightningModule, keep_saved_threads: bool = False) -> None:
+    trainer.callbacks.append(RandomState(keep_saved_threads))
     trainer.callbacks.append(MetricStates())
     if getattr(trainer.precision_plugin, "scaler", None) is not None:  # 16-mixed, 16-master, bf16-master
         hold = HoldScheduleOnSkippedSteps(model.lr_scheduler_step)
@@ -31,18 +31,24 @@ class RandomState(L.Callback):
     epoch's shuffle from it when iterated). A state saved mid-epoch is restored once more just before training
     resumes: a resumed run makes and restores its loader there, and a loader may draw from the RNG as it does
     (torchdata's StatefulDataLoader does, twice), where the uninterrupted run went straight on to its next batch.
+
+    The checkpoint also holds torch's thread count: a reduction split over another number of threads sums in another
+    order, so a resume is exact only on as many threads. With `threads=auto` a resumed run takes the saved count.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_saved_threads: bool = False) -> None:
         self._mid_epoch_state: dict[str, Any] | None = None
+        self.keep_saved_threads = keep_saved_threads
 
     def state_dict(self) -> dict[str, Any]:
-        state = self._current()
+        state = {**self._current(), "threads": torch.get_num_threads()}
         trainer = getattr(self, "_trainer", None)
         state["mid_epoch"] = trainer is not None and batches_processed_this_epoch(trainer) < trainer.num_training_batches
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.keep_saved_threads and state_dict.get("threads"):
+            torch.set_num_threads(int(state_dict["threads"]))
         self._restore(state_dict)
         self._mid_epoch_state = state_dict if state_dict.get("mid_epoch") else None
 

@@ -86,6 +86,14 @@ def ddp_rank_argv() -> list[str] | None:
     return [*job["overrides"], f"hydra.run.dir='{job['run_dir']}'"]
 
 
+def started_by_lightning_for_another_rank() -> bool:
+    """A process Lightning's launcher started for a rank other than 0 (see ddp_rank_argv). Lightning watches these from
+    rank 0's process, and when one exits with a non-zero status it SIGKILLs every process, its own included: under a
+    sweep, the sweep itself. Such a process therefore ends with status 0 whatever happened, its error in its own log;
+    rank 0 reports the job's failure (a refused input on every rank; or the peer it lost, errors.explain_lost_peer)."""
+    return os.environ.get(DDP_JOB) is not None and os.environ.get("LOCAL_RANK", "0") != "0"
+
+
 def end_distributed_job(environment: dict[str, str]) -> None:
     """After a job: close its process group and give back the environment the job started with.
 

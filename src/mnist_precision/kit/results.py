@@ -47,6 +47,8 @@ def summary(metrics: dict[str, float], run_dir: Path, cfg: DictConfig) -> str:
     parts.append(f"wall {metrics['time/wall_seconds']:.1f} s")
     if "throughput/samples_per_sec" in metrics:
         parts.append(f"{metrics['throughput/samples_per_sec']:,.0f} samples/s")
+    if "threads" in metrics:
+        parts.append(f"threads {metrics['threads']:.0f}")
     lines = ["  ".join(parts), f"run dir: {run_dir}"]
     checkpoints = sorted(path.name for path in (run_dir / "checkpoints").glob("*.ckpt"))
     if checkpoints:

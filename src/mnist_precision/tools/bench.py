@@ -45,13 +45,13 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig
 
-from mnist_precision.kit.build import build_run, compose_training_config, skip_nvml_probe_without_gpu
+from mnist_precision.kit.build import build_run, compose_training_config, intra_op_threads, skip_nvml_probe_without_gpu
 from mnist_precision.kit.config import CONF_DIR
 from mnist_precision.kit.errors import UserError, report_user_errors
 from mnist_precision.kit.monitor import TrainingMonitor, batch_size, peak_memory_mb, synchronize
 from mnist_precision.kit.precision import runs_on_cpu
 from mnist_precision.kit.private_api import skip_inherited_step_hooks
-from mnist_precision.kit.runs import job_entries, override_key, quote_values, remove_refused_run, suggest_close_matches
+from mnist_precision.kit.runs import job_entries, override_key, override_value, quote_values, remove_refused_run, suggest_close_matches
 from mnist_precision.kit.schema import load_schemas
 
 BASELINES = ("bare lightning", "plain loop")
@@ -254,6 +254,7 @@ def _worker(kind: str, overrides: list[str], output_dir: str, warmup: int, conne
     warnings.filterwarnings("ignore")
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- the worker's own, for its lifetime (the bar still draws)
     skip_nvml_probe_without_gpu()
+    torch.set_num_threads(int(override_value(overrides, "threads")))  # the baselines do not build through build_run
     try:
         measure = MEASURE["template" if kind.startswith(VARIANT) else kind]
         connection.send(("result", measure(overrides, output_dir, warmup, Turns(connection))))
@@ -264,9 +265,11 @@ def _worker(kind: str, overrides: list[str], output_dir: str, warmup: int, conne
 def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     settings = cfg.bench
     overrides = HydraConfig.get().overrides
-    base = [o for o in overrides.task if not o.startswith(("bench.", "net=", "precision=", "trainer.max_epochs="))]
+    base = [o for o in overrides.task if not o.startswith(("bench.", "net=", "precision=", "trainer.max_epochs=", "threads="))]
     base += [o for o in overrides.hydra if o.startswith("hydra.searchpath=")]  # where a task's configs outside conf/ are
     base += [f"trainer.max_epochs={settings.warmup_epochs + settings.epochs}"]  # progress bar and all, as users run it
+    torch.set_num_threads(intra_op_threads(cfg.threads))  # decided once: every configuration, baselines too, runs on as many
+    base += [f"threads={torch.get_num_threads()}"]
     if settings.limit_train_batches:
         base.append(f"trainer.limit_train_batches={settings.limit_train_batches}")
     variants = checked_variants(settings)
@@ -484,7 +487,8 @@ def machine_description() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
-    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, torch {torch.__version__}"
+    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s) a configuration")
 
 
 def write_report(results: list[dict[str, Any]], run_dir: Path) -> str:
