@@ -110,7 +110,7 @@ STOPS = {"max_steps": ["trainer.max_steps=11"],  # 3 batches into the second epo
                       "+callbacks.slow.step=11", "+callbacks.slow.seconds=1.5"]}  # at step 11, or sooner on a slow machine
 
 
-@pytest.mark.parametrize("stop", STOPS)
+@pytest.mark.parametrize("stop", [pytest.param("max_steps"), pytest.param("max_time", marks=pytest.mark.slow)])  # (slow: it sleeps)
 def test_a_run_stopped_mid_epoch_and_resumed_reports_its_epochs_as_an_uninterrupted_one(make_config, tmp_path, stop, capsys):
     """After a max_steps or max_time stop and a resume, every logged scalar of the finished epochs (the training
     monitor's loss, the task's metrics, validation) equals an uninterrupted run's, and the cut epoch gets its line."""

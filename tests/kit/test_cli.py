@@ -67,6 +67,7 @@ def test_ckpt_path_starts_a_new_run_from_a_checkpoint(run_main, tmp_path):
     assert torch.load(new_run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2 * 8
 
 
+@pytest.mark.slow  # about 4 s: four jobs
 def test_multirun_sweeps_precision_and_network(run_main, tmp_path):
     result = run_main(train_cli.main, "-m", "precision=32,bf16-mixed", "net=quadrants_mlp,quadrants_cnn", "trainer.max_epochs=1")
     assert result.code == 0, result.stderr

@@ -74,7 +74,7 @@ def test_an_unknown_format_and_a_platform_without_int8_are_refused(exported, mon
 
 
 def test_a_missing_checkpoint_is_one_message(run_main, tmp_path):
-    result = run_main(export_cli.main, f"ckpt_path={tmp_path / 'nope.ckpt'}", fast=False)
+    result = run_main(export_cli.main, f"ckpt_path={tmp_path / 'nope.ckpt'}", f"paths.log_dir={tmp_path / 'logs'}", fast=False)
     assert result.code == 1 and result.stderr == f"error: ckpt_path={tmp_path / 'nope.ckpt'}: {tmp_path / 'nope.ckpt'} does not exist.\n"
 
 
