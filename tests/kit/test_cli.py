@@ -122,6 +122,7 @@ def test_a_ddp_sweep_goes_on_past_a_job_that_fails_on_any_rank_and_ends_with_its
                       log_dir=tmp_path / "refused", timeout=400)
     assert refused.code == 1, refused.stderr[-3000:]  # the sweep's own status, not 137: nothing was SIGKILLed
     assert "3 job(s) of the sweep failed" in refused.stderr and "Forcefully terminating" not in refused.stdout + refused.stderr
+    assert refused.stderr.count("error: MisconfigurationException") == 3  # once a job, though both ranks hit it
     # one job's rank 1 raises mid-training: that job fails, the others run, the sweep ends with its summary
     one = run_cli("train", "-m", "trainer=ddp_cpu", "trainer.max_epochs=1", "+callbacks.fault._target_=fault_injection.RaiseAtStep",
                   "+callbacks.fault.rank=1", "+callbacks.fault.step=2,1000", log_dir=tmp_path / "one", timeout=400)
