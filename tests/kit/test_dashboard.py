@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from support import only_run_dir, tensorboard_events
+from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from mnist_precision.cli import train as train_cli
@@ -29,6 +30,7 @@ def test_hparams_hold_the_knobs_and_final_metrics_of_the_latest_session(run_main
     values, tags, scalars = hparams_of(run_dir)
 
     assert values["trainer.max_epochs"] == 2  # the resumed session's, not the first one's
+    assert values["status"] == "finished" and session_status(run_dir) == api_pb2.STATUS_SUCCESS
     assert values["precision"] == "bf16-mixed" and values["optimizer.lr"] == 0.002 and values["optimizer"] == "Adam"
     assert values["model"] == "QuadrantsClassifier" and values["net"] == "mlp" and values["net.hidden"] == 32
     assert values["data.batch_size"] == 64 and values["scheduler.lr_scheduler"] == "None" and values["seed"] == 42
@@ -39,6 +41,23 @@ def test_hparams_hold_the_knobs_and_final_metrics_of_the_latest_session(run_main
     # whose values differ between runs, and shows those first (its table shows five knobs until more are ticked).
     assert hparams_metadata.EXPERIMENT_TAG not in tags
     assert len(list((run_dir / "tensorboard").glob("*.dashboard"))) == 1
+
+
+def session_status(run_dir: Path) -> int:
+    """The session's end status as HParams' status filter reads it."""
+    content = tensorboard_events(run_dir).PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    return hparams_metadata.parse_session_end_info_plugin_data(content[hparams_metadata.SESSION_END_INFO_TAG]).status
+
+
+def test_a_failed_runs_row_carries_its_status_and_the_one_line_reason(run_main, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))  # fault_injection, for Hydra's instantiate
+    result = run_main(train_cli.main, "trainer.max_epochs=2", "+callbacks.poison._target_=fault_injection.PoisonInputAtSteps",
+                      "+callbacks.poison.steps=[3]")
+    assert result.code == 1
+    run_dir = only_run_dir(tmp_path / "logs")
+    values, _, _ = hparams_of(run_dir)
+    assert values["status"].startswith("failed: the training loss is nan at step 3 (epoch 0, batch 3)"), values["status"]
+    assert session_status(run_dir) == api_pb2.STATUS_FAILURE
 
 
 def test_tags_are_recorded_in_hparams_the_text_tab_metrics_json_and_the_run_name(run_main, tmp_path):

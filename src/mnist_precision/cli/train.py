@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,7 @@ from mnist_precision.kit.errors import (
     explain_failed_rendezvous,
     explain_full_disk,
     explain_lost_peer,
+    first_line,
     log_job_error,
     report_user_errors,
 )
@@ -68,24 +69,40 @@ from mnist_precision.kit.schema import load_schemas
 if TYPE_CHECKING:
     import lightning as L
 
+    from mnist_precision.kit.build import Run
+
 LOG = logging.getLogger("mnist_precision")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (resuming if asked), test the best checkpoint, log hparams with the final metrics; return them."""
-    import torch
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     from mnist_precision.kit.build import build_run
     from mnist_precision.kit.dashboard import log_dashboard
-    from mnist_precision.kit.monitor import TrainingMonitor, peak_memory_mb
 
     started = time.perf_counter()
     run = build_run(cfg)
     ckpt_path = str(Path(cfg.resume) / LAST_CHECKPOINT) if cfg.resume else cfg.ckpt_path
     if ckpt_path:
         check_training_left(run.trainer, ckpt_path, f"resume={cfg.resume}" if cfg.resume else f"ckpt_path={cfg.ckpt_path}")
-    log_dashboard(run.trainer, cfg, {})  # the layout and the knobs from the start; the metrics at the end
+    log_dashboard(run.trainer, cfg, {}, "running")  # the layout and the knobs from the start; the metrics at the end
+    try:
+        metrics = fit_and_test(run, cfg, ckpt_path)
+    except Exception as error:  # the HParams row says how the run ended, and why
+        with suppress(OSError):
+            log_dashboard(run.trainer, cfg, {}, f"{'stopped' if isinstance(error, TrainingInterrupted) else 'failed'}: {first_line(error)}")
+        raise
+    metrics["time/wall_seconds"] = time.perf_counter() - started
+    log_dashboard(run.trainer, cfg, metrics, "finished")
+    return metrics
+
+
+def fit_and_test(run: Run, cfg: DictConfig, ckpt_path: str | None) -> dict[str, float]:
+    """Fit (resuming from `ckpt_path`), test the best checkpoint; the final metrics, times and memory."""
+    import torch
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from mnist_precision.kit.monitor import TrainingMonitor, peak_memory_mb
+
     try:
         with explain_checkpoint_mismatch(ckpt_path), explain_failed_rendezvous(run.trainer), explain_lost_peer(run.trainer):
             run.fit(ckpt_path)
@@ -103,8 +120,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(as_floats(run.trainer.callback_metrics))
     metrics["memory/peak_mb"] = peak_memory_mb(run.trainer.strategy.root_device)
     metrics["threads"] = torch.get_num_threads()  # (threads=auto's choice, or the count a resumed run kept)
-    metrics["time/wall_seconds"] = time.perf_counter() - started
-    log_dashboard(run.trainer, cfg, metrics)
     return metrics
 
 

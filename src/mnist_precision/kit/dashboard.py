@@ -100,8 +100,9 @@ def final_metrics(cfg: DictConfig, metrics: dict[str, float]) -> list[str]:
     return [name for name in (*WRITTEN_HERE, f"{cfg.monitor.metric}_best") if name in metrics]
 
 
-def write_dashboard(log_dir: str | Path, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
-    """Replace the run's dashboard event file: the custom-scalars layout, the knobs, and the final metrics written here."""
+def write_dashboard(log_dir: str | Path, cfg: DictConfig, metrics: dict[str, float], step: int, status: str = "finished") -> None:
+    """Replace the run's dashboard event file: the custom-scalars layout, the knobs with the run's `status` (running,
+    finished, or `failed: <reason>` / `stopped: <reason>`), and the final metrics written here."""
     from torch.utils.tensorboard.summary import custom_scalars, hparams, scalar, text
     from torch.utils.tensorboard.writer import FileWriter
 
@@ -110,14 +111,28 @@ def write_dashboard(log_dir: str | Path, cfg: DictConfig, metrics: dict[str, flo
         old.unlink()
     writer = FileWriter(str(log_dir), filename_suffix=DASHBOARD_SUFFIX)
     writer.add_summary(custom_scalars(layout(list(metrics))))
-    _experiment, session_start, session_end = hparams(knobs(cfg), {})
+    _experiment, session_start, session_end = hparams({**knobs(cfg), "status": status}, {})
     writer.add_summary(session_start)  # no per-run experiment record: TensorBoard then builds the experiment from every
-    writer.add_summary(session_end)    # run's session and shows first the knobs whose values differ between runs
+    if status != "running":            # run's session and shows first the knobs whose values differ between runs
+        writer.add_summary(with_session_status(session_end, status))
     for name in final_metrics(cfg, metrics):
         writer.add_summary(scalar(name, metrics[name]), step)
     if tags(cfg):
         writer.add_summary(text("tags", ", ".join(tags(cfg))), step)  # the Text tab
     writer.close()
+
+
+def with_session_status(session_end: Any, status: str) -> Any:
+    """torch's session-end summary (always STATUS_SUCCESS) with the run's own status, which HParams' status filter reads:
+    success, failure for a run an error stopped, unknown for one a signal stopped (it resumes)."""
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+    value = session_end.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    data.session_end_info.status = {"finished": api_pb2.STATUS_SUCCESS, "failed": api_pb2.STATUS_FAILURE}.get(
+        status.split(":")[0], api_pb2.STATUS_UNKNOWN)
+    value.metadata.plugin_data.content = data.SerializeToString()
+    return session_end
 
 
 def write_mlflow(logger: Any, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
@@ -148,7 +163,7 @@ def mlflow_run_to_resume(node: DictConfig, resume: str | None) -> dict[str, str]
     return {"run_id": runs[0].info.run_id} if runs else {}
 
 
-def log_dashboard(trainer: Any, cfg: DictConfig, metrics: dict[str, float]) -> None:
+def log_dashboard(trainer: Any, cfg: DictConfig, metrics: dict[str, float], status: str = "finished") -> None:
     """Write the dashboard of every logger that has one (TensorBoard, MLflow), from rank 0."""
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -157,6 +172,6 @@ def log_dashboard(trainer: Any, cfg: DictConfig, metrics: dict[str, float]) -> N
         return
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            write_dashboard(logger.log_dir, cfg, metrics, trainer.global_step)
+            write_dashboard(logger.log_dir, cfg, metrics, trainer.global_step, status)
         elif isinstance(logger, MLFlowLogger):
             write_mlflow(logger, cfg, metrics, trainer.global_step)
