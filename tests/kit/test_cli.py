@@ -122,7 +122,7 @@ def test_a_ddp_sweep_goes_on_past_a_job_that_fails_on_any_rank_and_ends_with_its
                       log_dir=tmp_path / "refused", timeout=400)
     assert refused.code == 1, refused.stderr[-3000:]  # the sweep's own status, not 137: nothing was SIGKILLed
     assert "3 job(s) of the sweep failed" in refused.stderr and "Forcefully terminating" not in refused.stdout + refused.stderr
-    assert refused.stderr.count("error: MisconfigurationException") == 3  # once a job, though both ranks hit it
+    assert refused.stderr.count("error: Lightning refused the run: You requested to check") == 3  # once a job, not once a rank
     # one job's rank 1 raises mid-training: that job fails, the others run, the sweep ends with its summary
     one = run_cli("train", "-m", "trainer=ddp_cpu", "trainer.max_epochs=1", "+callbacks.fault._target_=fault_injection.RaiseAtStep",
                   "+callbacks.fault.rank=1", "+callbacks.fault.step=2,1000", log_dir=tmp_path / "one", timeout=400)
@@ -211,6 +211,8 @@ BAD_TRAIN_INPUTS = {
     "zero gradient accumulation": (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be >= 1, got 0"),
     "a negative logging interval": (["trainer.log_every_n_steps=-3"], "trainer.log_every_n_steps must be >= 0, got -3"),
     "a choice the schema does not offer": (["scheduler.interval=daily"], "scheduler.interval must be one of epoch, step, got 'daily'"),
+    "a fraction of less than one batch": (["trainer.limit_val_batches=0.1"], "Lightning refused the run: You requested to check 0.1 of "
+                                                                               "the `val_dataloader` but 0.1 * 2 < 1"),
     "checkpointing off beside the checkpoint callbacks": (["trainer.enable_checkpointing=false"],
                                                           "trainer: Trainer was configured with `enable_checkpointing=False` but found `ModelCheckpoint`"),
     "a seed that is not a number": (["seed=abc"], "seed must be an integer, got 'abc'"),

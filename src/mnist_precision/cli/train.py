@@ -34,6 +34,7 @@ from mnist_precision.kit.errors import (
     explain_checkpoint_mismatch,
     explain_failed_rendezvous,
     explain_full_disk,
+    explain_lightning_refusal,
     explain_lost_peer,
     first_line,
     log_job_error,
@@ -104,7 +105,8 @@ def fit_and_test(run: Run, cfg: DictConfig, ckpt_path: str | None) -> dict[str, 
     from mnist_precision.kit.monitor import TrainingMonitor, peak_memory_mb
 
     try:
-        with explain_checkpoint_mismatch(ckpt_path), explain_failed_rendezvous(run.trainer), explain_lost_peer(run.trainer):
+        with (explain_checkpoint_mismatch(ckpt_path), explain_failed_rendezvous(run.trainer), explain_lost_peer(run.trainer),
+              explain_lightning_refusal(run.trainer)):
             run.fit(ckpt_path)
     except SIGTERMException:
         raise interrupted(run.trainer) from None

@@ -134,6 +134,20 @@ def explain_failed_rendezvous(trainer) -> Iterator[None]:
 
 
 @contextmanager
+def explain_lightning_refusal(trainer) -> Iterator[None]:
+    """Lightning's own refusal of a setting (its MisconfigurationException: `limit_val_batches=0.1` of 3 batches, ...)
+    is one message like the template's own checks: before the first step a refused input, which leaves nothing
+    behind; later, a run that stopped."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        yield
+    except MisconfigurationException as error:
+        kind = UserError if trainer.global_step == 0 else RunFailed
+        raise kind(f"Lightning refused the run: {str(error).strip()}") from None
+
+
+@contextmanager
 def explain_lost_peer(trainer) -> Iterator[None]:
     """Another process of a DDP job stopped mid-run (its own error, or killed): rank 0's next collective fails on the
     closed connection. Say so, and where that process's error is, instead of gloo's socket error."""
