@@ -90,7 +90,7 @@ def _unread_keys(cfg: DictConfig) -> list[str]:
         if not OmegaConf.is_dict(parent) or parts[-1] not in parent:
             continue  # removed again by a later override (a resume's ~callbacks.<name>)
         if parts[0] in known and not any(OmegaConf.is_dict(node) and "_target_" in node for node in nodes):
-            siblings = [str(name) for name in parent if name != parts[-1]] if OmegaConf.is_dict(parent) else []
+            siblings = [str(name) for name in parent if name != parts[-1]]
             problems.append(f"{key}: nothing reads {key[1:]}{_close_match(parts[-1], siblings, '.'.join(parts[:-1]) + '.')}")
     return problems
 

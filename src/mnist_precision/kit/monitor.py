@@ -68,7 +68,8 @@ class TrainingMonitor(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch's running loss sum so far, so that a run resumed mid-epoch reports the epoch's `train/loss_epoch` as an
-        uninterrupted run does. (Lightning asks for this before `on_save_checkpoint`: the losses are checked first.)"""
+        uninterrupted run does. Lightning asks for it whenever it writes a checkpoint, so the guard checks the losses here
+        first: it raises before a diverged state is written."""
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             return {"loss_sum": self._loss_sum, "loss_samples": self._loss_samples}
@@ -117,9 +118,6 @@ class TrainingMonitor(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop_timer(pl_module)  # validation time is not training throughput
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self.check_losses(trainer)  # raises before a diverged state is written
 
     def check_losses(self, trainer: L.Trainer) -> None:
         """Read the losses since the last check (one transfer): add the finite ones to the epoch's mean, and raise

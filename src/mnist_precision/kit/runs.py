@@ -115,7 +115,7 @@ def check_checkpoint(path: Path, what: str, log_dir: Path | None = None) -> None
 def nearest_runs(path: Path, log_dir: Path | None) -> str:
     """` Runs with a close name: ...`, or ` The latest runs: ...`: the training runs under `log_dir` that have a last.ckpt,
     for a path that does not exist (a mistyped or cut run name)."""
-    runs = [ckpt.parent.parent for ckpt in (*log_dir.glob(f"train/*/{LAST_CHECKPOINT}"), *log_dir.glob(f"multirun/*/*/{LAST_CHECKPOINT}"))] if log_dir else []
+    runs = runs_with_last_checkpoint(log_dir) if log_dir else []
     if not runs:
         return ""
     run_part = next((part for part in reversed(path.parts) if part not in ("checkpoints", LAST_CHECKPOINT.name) and not part.endswith(".ckpt")), "")
@@ -130,12 +130,17 @@ def is_run_dir(path: Path) -> bool:
     return (path / SAVED_OVERRIDES).is_file()
 
 
+def runs_with_last_checkpoint(log_dir: Path) -> list[Path]:
+    """The training runs under `log_dir` (single runs and sweep jobs) that have a last.ckpt."""
+    return [ckpt.parent.parent for ckpt in (*log_dir.glob(f"train/*/{LAST_CHECKPOINT}"), *log_dir.glob(f"multirun/*/*/{LAST_CHECKPOINT}"))]
+
+
 def find_latest_run(log_dir: Path) -> Path:
     """The training run (single or multirun job) whose last.ckpt was written most recently."""
-    candidates = [*log_dir.glob(f"train/*/{LAST_CHECKPOINT}"), *log_dir.glob(f"multirun/*/*/{LAST_CHECKPOINT}")]
-    if not candidates:
+    runs = runs_with_last_checkpoint(log_dir)
+    if not runs:
         raise UserError(f"resume=latest: no run under {log_dir} has a {LAST_CHECKPOINT} to resume from.")
-    return max(candidates, key=lambda ckpt: ckpt.stat().st_mtime).parent.parent
+    return max(runs, key=lambda run: (run / LAST_CHECKPOINT).stat().st_mtime)
 
 
 def log_dir_from(argv: list[str]) -> Path:
