@@ -132,7 +132,9 @@ def assert_same_epoch_scalars(straight: Path, resumed: Path) -> None:
     tags = [tag for tag in a.Tags()["scalars"] if not tag.startswith(("throughput/", "time/", "memory/"))]
     assert {"train/loss_epoch", "val/acc"} <= set(tags)
     for tag in tags:
-        after = {event.step: event.value for event in b.Scalars(tag)}  # (the resumed session's value, where both logged)
+        # the resumed session's value where both sessions logged a step: the later one written (the reader's order
+        # follows the event files' names, which need not put the later session last)
+        after = {event.step: event.value for event in sorted(b.Scalars(tag), key=lambda event: event.wall_time)}
         assert {event.step: event.value for event in a.Scalars(tag)}.items() <= after.items(), (tag, [(e.step, e.value) for e in a.Scalars(tag)], [(e.step, e.value) for e in b.Scalars(tag)])
 
 
