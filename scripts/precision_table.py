@@ -23,8 +23,8 @@ def results(job: Path) -> list[str]:
     metrics = json.loads((job / "metrics.json").read_text()) if (job / "metrics.json").is_file() else {"error": "no metrics.json"}
     if "error" in metrics:
         return ["-", "-", "-", "stopped: " + metrics["error"].split(". ")[0]]
-    skipped = metrics.get("precision/skipped_steps")
-    scale = metrics.get("precision/loss_scale")
+    skipped = metrics.get("train/skipped_steps")
+    scale = metrics.get("train/loss_scale")
     return [f"{100 * metrics['test/acc']:.2f}", f"{metrics['train/loss_epoch']:.4f}", "-" if skipped is None else str(int(skipped)),
             "" if scale is None else f"loss scale ended at {scale:g}"]
 

@@ -28,7 +28,7 @@ def test_train_writes_a_run_dir_then_eval_tests_it_with_the_run_config(run_main,
 
     tags = tensorboard_events(run_dir).Tags()
     for tag in ["train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", "lr-Adam",
-                "throughput/samples_per_sec"]:
+                "train/samples_per_sec"]:
         assert tag in tags["scalars"], tag
 
     test_acc = float(result.stdout.split("test/acc=")[1].split()[0])
@@ -150,7 +150,7 @@ def test_help_lists_every_config_group_and_the_machinerys_options(run_main):
 
 def test_run_names_keep_whole_key_value_pairs_and_a_hash_when_cut():
     assert run_name_suffix("") == ""
-    assert run_name_suffix("net=cnn,precision=16-master,tags=[a,b]") == "_net=cnn,precision=16-master,tags=[a,b]"
+    assert run_name_suffix("net=cnn,precision=16-master,tags=[a,b]") == "_tags=[a,b],net=cnn,precision=16-master"
     lr = [f"optimizer.lr=0.00{digit}2345678901234,optimizer.weight_decay=0.000123456789,trainer.max_epochs=3,"
           "precision=bf16-mixed,net=cnn,data.batch_size=64" for digit in (1, 2)]
     names = [run_name_suffix(name) for name in lr]
@@ -161,6 +161,15 @@ def test_run_names_keep_whole_key_value_pairs_and_a_hash_when_cut():
     same_start = ["a.b=" + "x" * 66 + f",c.x={value},e.x={value}" for value in (1, 2)]  # (c.x, e.x: both x if shortened)
     cut = [run_name_suffix(name) for name in same_start]
     assert cut[0].startswith("_a.b=" + "x" * 66 + ",") and cut[0].split(",")[-1].startswith("+") and cut[0] != cut[1]
+
+
+def test_every_job_of_a_sweep_is_named_the_same_way(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["mnist-train", "-m", "precision=32,16-master", "+trainer.limit_train_batches=50",
+                                      "trainer.max_epochs=2", "trainer=cpu"])
+    names = [run_name_suffix(f"+trainer.limit_train_batches=50,precision={value},trainer.max_epochs=2,trainer=cpu")
+             for value in ("32", "16-master")]  # Hydra's override_dirname of each job: the second is the longer
+    assert names == ["_precision=32,limit_train_batches=50,max_epochs=2,trainer=cpu",
+                     "_precision=16-master,limit_train_batches=50,max_epochs=2,trainer=cpu"]
 
 
 def test_override_merging_and_precision_quoting():

@@ -36,7 +36,7 @@ def test_hparams_hold_the_knobs_and_final_metrics_of_the_latest_session(run_main
     assert values["data.batch_size"] == 64 and values["scheduler.lr_scheduler"] == "None" and values["seed"] == 42
     assert len(values) <= 30 and not [name for name in values if "_target_" in name or "dirpath" in name]
     assert not set(values) & scalars  # no knob shares a column with a metric
-    assert {"test/acc", "val/acc_best", "throughput/samples_per_sec", "memory/peak_mb", "time/wall_seconds"} <= scalars
+    assert {"test/acc", "val/acc_best", "train/samples_per_sec", "memory/peak_mb", "time/wall_seconds"} <= scalars
     # No per-run experiment record: TensorBoard builds the experiment from all the runs' sessions, marks the knobs
     # whose values differ between runs, and shows those first (its table shows five knobs until more are ticked).
     assert hparams_metadata.EXPERIMENT_TAG not in tags
@@ -90,6 +90,15 @@ def test_a_custom_scalars_layout_overlays_each_metrics_training_and_validation_v
         assert any(re.search(pattern, tag) for pattern in tags for tag in scalars), tags
 
 
+def test_hparams_columns_read_apart_and_tensorboard_has_no_epoch_chart(run_main, tmp_path):
+    assert run_main(train_cli.main, "trainer.max_epochs=1", "precision=16-master").code == 0
+    values, _, scalars = hparams_of(only_run_dir(tmp_path / "logs"))
+    columns = [name.replace("/", ".") for name in [*values, *scalars]]  # the knob precision.loss_scale, the metric
+    assert len(set(columns)) == len(columns)                             # train/loss_scale: no two read alike
+    assert {"train/loss_scale", "train/skipped_steps", "train/samples_per_sec"} <= scalars
+    assert "epoch" not in scalars  # Lightning's step-to-epoch line was the first chart of Scalars and Time Series
+
+
 def test_logger_many_writes_tensorboard_and_a_csv_with_the_same_metrics(run_main, tmp_path):
     import csv
 
@@ -101,6 +110,7 @@ def test_logger_many_writes_tensorboard_and_a_csv_with_the_same_metrics(run_main
     accumulator = tensorboard_events(run_dir)
     assert len(val_acc) == 2 and val_acc == [event.value for event in accumulator.Scalars("val/acc")]
     assert any(row.get("test/acc") for row in rows) and any(row.get("train/loss_step") for row in rows)
+    assert any(row.get("epoch") for row in rows)  # the CSV keeps Lightning's epoch column
 
 
 @pytest.mark.slow  # about 8 s: a run and its resume, with MLflow's SQLite store
@@ -122,5 +132,5 @@ def test_logger_mlflow_keeps_one_mlflow_run_in_the_run_dir_that_a_resume_continu
     assert run.data.tags["baseline"] == "true"
     assert not [name for name in run.data.params if "_target_" in name or "dirpath" in name] and len(run.data.params) <= 30
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 3  # both sessions, in one run
-    for name in ("test/acc", "val/acc_best", "throughput/samples_per_sec", "memory/peak_mb", "time/wall_seconds"):
+    for name in ("test/acc", "val/acc_best", "train/samples_per_sec", "memory/peak_mb", "time/wall_seconds"):
         assert name in run.data.metrics, name

@@ -184,8 +184,8 @@ def test_ddp_on_cpu_keeps_masters_identical_on_both_ranks(tmp_path, task):
 
 def test_tensorboard_gets_the_loss_scale_and_skipped_steps(make_config, tmp_path):
     train(make_config("precision=16-master", "precision.init_scale=1024", *LIMITED))
-    assert tensorboard_scalars(tmp_path / "run", "precision/loss_scale")[0][1] == 1024
-    assert tensorboard_scalars(tmp_path / "run", "precision/skipped_steps")[-1][1] == 0
+    assert tensorboard_scalars(tmp_path / "run", "train/loss_scale")[0][1] == 1024
+    assert tensorboard_scalars(tmp_path / "run", "train/skipped_steps")[-1][1] == 0
 
 
 @pytest.mark.parametrize("master, autocast", [("16-master", "16-mixed"), ("bf16-master", "bf16-mixed")])

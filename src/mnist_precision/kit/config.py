@@ -53,47 +53,64 @@ def override_pairs(override_dirname: str) -> list[str]:
     return [pair for pair in [*pairs, override_dirname[start:]] if pair]
 
 
-def swept_keys() -> set[str]:
-    """The keys this process's command line sweeps over (`precision=32,bf16-mixed`), for Hydra's basic launcher, which
-    names the jobs in this process."""
+def swept_values() -> dict[str, list[str]]:
+    """The keys this process's command line sweeps over (`precision=32,bf16-mixed`), each with the values it takes
+    (none listed for an interval, which a sweeper such as Optuna samples), for Hydra's basic launcher, which names
+    the jobs in this process."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
     from hydra.errors import HydraException
 
     try:
         parsed = OverridesParser.create().parse_overrides([arg for arg in sys.argv[1:] if not arg.startswith("-")])
     except HydraException:
-        return set()
-    return {override.key_or_group for override in parsed if override.is_sweep_override()}
+        return {}
+    listed = (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP, ValueType.RANGE_SWEEP)
+    return {override.key_or_group: list(override.sweep_string_iterator()) if override.value_type in listed else []
+            for override in parsed if override.is_sweep_override()}
 
 
 def run_name_suffix(override_dirname: str, limit: int = 80) -> str:
     """`_precision=16-master,net=cnn`: what a run's overrides change, appended to its directory's name, so TensorBoard's
     run list, legends and HParams say what differs. Empty without overrides; `/` becomes `-`, quotes go.
 
-    Never cut inside a pair: past `limit`, keys lose their groups (`optimizer.lr` -> `lr`, where still unique), then
-    whole pairs are dropped from the end (a sweep's own keys and the tags come first) and the name ends in `+<dropped>-<hash of all
-    of them>`, so runs that differ only in the dropped pairs keep different names.
+    A sweep's own keys come first, then the tags. Never cut inside a pair: past `limit`, keys lose their groups
+    (`optimizer.lr` -> `lr`, where still unique), then whole pairs are dropped from the end and the name ends in
+    `+<dropped>-<hash of all of them>`, so runs that differ only in the dropped pairs keep different names. Lengths are
+    measured with each swept key's longest value, so every job of a sweep is named the same way.
     """
     pairs = override_pairs(override_dirname.replace("/", "-").replace("'", "").replace('"', ""))
+    if not pairs:
+        return ""
+    sweep = swept_values()
+    pairs = sorted(pairs, key=lambda pair: (_bare_key(pair) not in sweep, _bare_key(pair) != "tags"))
+    # what the sweep's longest value of each pair's key adds to it: every job of a sweep is named the same way
+    longer = [max([0, *(len(value) - len(pair.partition("=")[2]) for value in sweep.get(_bare_key(pair), []))]) for pair in pairs]
+
+    def width(pairs: list[str]) -> int:
+        return len(",".join(pairs)) + sum(longer[:len(pairs)])
+
+    if width(pairs) <= limit:
+        return "_" + ",".join(pairs)
     name = ",".join(pairs)
-    if len(name) <= limit:
-        return f"_{name}" if name else ""
-    swept = swept_keys()  # what a sweep varies, then the run's tags, say what differs between runs: kept first
-    pairs = sorted(pairs, key=lambda pair: (pair.partition("=")[0].lstrip("+~") not in swept, pair.partition("=")[0] != "tags"))
     keys = [pair.partition("=")[0] for pair in pairs]
     short = [key.rsplit(".", 1)[-1] for key in keys]
     if len(set(short)) == len(short):
         pairs = [f"{key}={pair.partition('=')[2]}" for key, pair in zip(short, pairs, strict=True)]
-    if len(",".join(pairs)) <= limit:
+    if width(pairs) <= limit:
         return "_" + ",".join(pairs)
     digest = hashlib.sha1(name.encode()).hexdigest()[:6]
     kept = []
     for pair in pairs:
-        tail = f",+{len(pairs) - len(kept) - 1}-{digest}" if len(kept) + 1 < len(pairs) else ""
-        if len(",".join([*kept, pair]) + tail) > limit:
+        tail = len(f",+{len(pairs) - len(kept) - 1}-{digest}") if len(kept) + 1 < len(pairs) else 0
+        if width([*kept, pair]) + tail > limit:
             break
         kept.append(pair)
     return "_" + ",".join([*kept, f"+{len(pairs) - len(kept)}-{digest}"])
+
+
+def _bare_key(pair: str) -> str:
+    return pair.partition("=")[0].lstrip("+~")
 
 
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)

@@ -31,7 +31,7 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
     (r"Precision \S+ is not supported by the model summary",
      "the summary's size column falls back to 32 bits a weight for 16-mixed/bf16-mixed (right: their weights are FP32) "
      "and for the master copy (a half model plus FP32 masters, 48 bits a weight: no single width is right)"),
-    (r"It is recommended to use `self.log\('(train/loss_epoch|throughput/samples_per_sec)', \.\.\., sync_dist=True\)`",
+    (r"It is recommended to use `self.log\('(train/loss_epoch|train/samples_per_sec)', \.\.\., sync_dist=True\)`",
      "under DDP: the training monitor logs the epoch's training loss already summed over the ranks (one all-reduce of the "
      "sums), and samples/s from rank 0 already multiplied by the world size. Matched by key; sync_dist=True on these "
      "would cost one all-reduce each, an epoch, for nothing"),

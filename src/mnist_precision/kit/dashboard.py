@@ -28,11 +28,11 @@ DASHBOARD_SUFFIX = ".dashboard"
 MACHINERY_CHARTS = {
     "training": {
         "learning rate": ["Multiline", [r"^lr-"]],
-        "samples/s": ["Multiline", [r"^throughput/"]],
+        "samples/s": ["Multiline", [r"^train/samples_per_sec$"]],
     },
     "precision": {
-        "loss scale": ["Multiline", [r"precision/loss_scale"]],
-        "skipped steps": ["Multiline", [r"precision/skipped_steps"]],
+        "loss scale": ["Multiline", [r"^train/loss_scale$"]],
+        "skipped steps": ["Multiline", [r"^train/skipped_steps$"]],
     },
 }
 KNOB_GROUPS = ("model", "net", "optimizer", "scheduler", "precision", "data")  # their leaves, flattened
@@ -54,7 +54,7 @@ def layout(metric_names: list[str]) -> dict[str, dict[str, list]]:
 def knobs(cfg: DictConfig) -> dict[str, Any]:
     """The settings that define an experiment, flattened to the keys an override names (`net.hidden`, `optimizer.lr`),
     with class paths shortened to class names and paths left out: what TensorBoard's HParams tab compares runs by.
-    (Dotted, so that no knob shares a column name with a metric such as `precision/loss_scale`.)"""
+    (Dotted, so that no knob shares a column name with a metric such as `train/loss_scale`.)"""
     config = OmegaConf.to_container(cfg, resolve=True)
     chosen: dict[str, Any] = {}
     for group in KNOB_GROUPS:

@@ -29,8 +29,8 @@ class TrainingMonitor(L.Callback):
       bf16-master), a non-finite loss makes non-finite gradients, so the step is skipped like any overflow; the run
       stops only after `patience` of them in a row: one bad batch is not a divergence, but a loss that stays inf or
       NaN while steps are skipped is.
-    - `precision/loss_scale` and `precision/skipped_steps` (reading them is a sync): on logging steps.
-    - `throughput/samples_per_sec`, once per epoch. (Lightning's ThroughputMonitor synchronises CUDA after
+    - `train/loss_scale` and `train/skipped_steps` (reading them is a sync): on logging steps.
+    - `train/samples_per_sec`, once per epoch. (Lightning's ThroughputMonitor synchronises CUDA after
       every batch, which costs more than a whole step of a small model.)
     - `fit_seconds`: from the first training step to the end of the last epoch (validation and checkpoints
       included; start-up, sanity check and test not), timed with CUDA events on a GPU.
@@ -153,9 +153,9 @@ class TrainingMonitor(L.Callback):
         scaler = getattr(plugin, "scaler", None)
         if scaler is None:
             return
-        pl_module.log("precision/loss_scale", scaler.get_scale(), on_step=True, on_epoch=False)
+        pl_module.log("train/loss_scale", scaler.get_scale(), on_step=True, on_epoch=False)
         if hasattr(type(plugin), "skipped_steps"):  # (on the class: reading the property is a sync)
-            pl_module.log("precision/skipped_steps", float(plugin.skipped_steps), on_step=True, on_epoch=False)
+            pl_module.log("train/skipped_steps", float(plugin.skipped_steps), on_step=True, on_epoch=False)
 
     def _stop_timer(self, pl_module: L.LightningModule) -> None:
         if not self._timing or self._samples == 0:
@@ -165,7 +165,7 @@ class TrainingMonitor(L.Callback):
         elapsed = time.perf_counter() - self._start
         self.history.append((self._samples, elapsed))
         world_size = pl_module.trainer.world_size
-        pl_module.log("throughput/samples_per_sec", self._samples * world_size / elapsed, on_epoch=True, rank_zero_only=True)
+        pl_module.log("train/samples_per_sec", self._samples * world_size / elapsed, on_epoch=True, rank_zero_only=True)
 
 
 def batch_size(batch: Any) -> int:

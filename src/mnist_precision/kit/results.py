@@ -45,8 +45,8 @@ def summary(metrics: dict[str, float], run_dir: Path, cfg: DictConfig) -> str:
     if "time/fit_seconds" in metrics:
         parts.append(f"fit {metrics['time/fit_seconds']:.1f} s")
     parts.append(f"wall {metrics['time/wall_seconds']:.1f} s")
-    if "throughput/samples_per_sec" in metrics:
-        parts.append(f"{metrics['throughput/samples_per_sec']:,.0f} samples/s")
+    if "train/samples_per_sec" in metrics:
+        parts.append(f"{metrics['train/samples_per_sec']:,.0f} samples/s")
     if "threads" in metrics:
         parts.append(f"threads {metrics['threads']:.0f}")
     lines = ["  ".join(parts), f"run dir: {run_dir}"]
