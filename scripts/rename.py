@@ -1,20 +1,27 @@
 #!/usr/bin/env python3
-"""Rename this template in place: `python scripts/rename.py NAME` (run it once, in your copy, then reinstall).
+"""The renaming copier runs in a new copy of this template (copier.yml's task), in the copy's directory:
 
-NAME is your project's Python package (letters, digits, underscores: `digits`, `cifar_lab`). It replaces
+    python <template>/scripts/rename.py NAME <template>
+
+NAME is the copy's Python package (`digits`, `cifar_lab`; copier.yml checks it before anything is written). In the
+files the template has (a file of your own is left alone) it replaces
 
     mnist_precision              -> NAME               (the package: src/, conf/ _target_s, tests, pyproject)
     mnist-precision              -> NAME with - for _  (the distribution and the README's title)
     mnist-train, -eval, -bench, -export -> NAME-train, ... (the console scripts)
 
-in every file git tracks, and moves src/mnist_precision to src/NAME. "MNIST" on its own, the dataset, stays.
-Then: `pip install -e ".[dev]" && pytest`.
+and moves src/mnist_precision into src/NAME. "MNIST" on its own, the dataset, stays. The README says where the copy
+came from. Copier runs this after every render, a copy and both sides of the difference an update applies, so a
+template change arrives in a copy under the copy's names.
+
+(A rewrite rather than copier's Jinja templating: a Jinja package directory and `{{ package_name }}` in every import
+would leave the template repository itself unable to run.)
 """
 
 from __future__ import annotations
 
-import re
-import subprocess
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,6 +29,9 @@ OLD_PACKAGE = "mnist_precision"
 OLD_DIST = "mnist-precision"
 OLD_COMMAND_PREFIX = "mnist-"
 COMMANDS = ("train", "eval", "bench", "export")
+NOT_THE_TEMPLATES = {".git", ".venv", "venv", "logs", "data", ".pytest_cache", ".ruff_cache"}  # top-level folders
+ORIGIN = ("\nMade from the {dist} template. `.copier-answers.yml` records the template and its version; "
+          "`copier update --trust` brings in\nthe template's later changes ([docs/adapting.md](docs/adapting.md)).\n")
 
 
 def replacements(name: str) -> list[tuple[str, str]]:
@@ -30,19 +40,24 @@ def replacements(name: str) -> list[tuple[str, str]]:
     return [(OLD_PACKAGE, name), (OLD_DIST, dist), *commands]
 
 
-def tracked_files(root: Path) -> list[Path]:
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, check=True).stdout
-    return [root / path for path in listed.split("\0") if path]
+def template_files(template: Path) -> list[Path]:
+    """The template's files, relative to it (its git directory, environments and run outputs left out)."""
+    files = []
+    for folder, subfolders, names in os.walk(template):
+        subfolders[:] = [sub for sub in subfolders if sub != "__pycache__" and not sub.endswith(".egg-info")
+                         and not (Path(folder) == template and sub in NOT_THE_TEMPLATES)]
+        files += [Path(folder, name).relative_to(template) for name in names]
+    return files
 
 
-def rename(root: Path, name: str) -> list[Path]:
-    """Rewrites every tracked text file that holds an old name, then moves the package; returns the changed files."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name == OLD_PACKAGE:
-        raise SystemExit(f"error: NAME must be a new Python package name (lowercase letters, digits, _), got {name!r}")
-    changed = []
-    for path in tracked_files(root):
+def rename(copy: Path, template: Path, name: str) -> None:
+    """Rewrites the copy's files that came from the template, then moves the package into src/NAME."""
+    if name == OLD_PACKAGE:
+        return
+    for relative in template_files(template):
+        path = copy / relative
         if path.is_symlink() or not path.is_file():
-            continue
+            continue  # left out of the copy
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -50,21 +65,23 @@ def rename(root: Path, name: str) -> list[Path]:
         new = text
         for old, replacement in replacements(name):
             new = new.replace(old, replacement)
+        if relative == Path("README.md") and ORIGIN.format(dist=OLD_DIST) not in new:
+            title, _, rest = new.partition("\n")
+            new = title + "\n" + ORIGIN.format(dist=OLD_DIST) + rest
         if new != text:
             path.write_text(new, encoding="utf-8")
-            changed.append(path)
-    package = root / "src" / OLD_PACKAGE
-    if package.is_dir():
-        subprocess.run(["git", "mv", str(package), str(root / "src" / name)], cwd=root, check=True)
-    return changed
+    package, target = copy / "src" / OLD_PACKAGE, copy / "src" / name
+    for path in sorted(package.rglob("*")) if package.is_dir() else []:
+        if path.is_file() and "__pycache__" not in path.parts:
+            (target / path.relative_to(package)).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target / path.relative_to(package))  # over an older copy's file: an update's render
+    shutil.rmtree(package, ignore_errors=True)
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 3:
         raise SystemExit(__doc__)
-    root = Path(__file__).resolve().parents[1]
-    changed = rename(root, sys.argv[1])
-    print(f"renamed the package to {sys.argv[1]} ({len(changed)} files rewritten). Now: pip install -e \".[dev]\" && pytest")
+    rename(Path.cwd(), Path(sys.argv[2]), sys.argv[1])
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import traceback
 from collections import Counter
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import mnist_precision
 from mnist_precision.kit.build import build_run
 from mnist_precision.kit.private_api import should_log_this_step
 
@@ -62,9 +64,12 @@ class HostReads(TorchDispatchMode):
         if any(name.endswith("amp/grad_scaler.py") for name in files):
             return "GradScaler"
         caller = next(name for name in reversed(files) if "/torch/" not in name or "/lightning/pytorch/" in name)
-        if "mnist_precision" in caller:
+        if caller.startswith(TEMPLATE):
             return "template"
         return "lightning" if "/lightning/" in caller else "torchmetrics" if "/torchmetrics/" in caller else "other"
+
+
+TEMPLATE = str(Path(mnist_precision.__file__).parent)  # the package's files (a copy's package may share its folder's name)
 
 
 class CountedSteps(L.Callback):

@@ -15,10 +15,12 @@ from support import tensorboard_events
 
 from mnist_precision.cli import eval as eval_cli
 from mnist_precision.cli import train as train_cli
+from mnist_precision.kit.config import command_name
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 DOCS = {path.name: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
+TRAIN, EVAL = command_name("train"), command_name("eval")  # mnist-train, mnist-eval: a renamed copy's own names
 FEW_BATCHES = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 
 
@@ -44,7 +46,7 @@ def documented_commands(text: str) -> list[str]:
         if language != "bash":
             continue
         for line in lines:
-            found = re.search(r"\bmnist-(?:train|eval)\b.*", line.split("  #")[0].strip())
+            found = re.search(rf"\b(?:{re.escape(TRAIN)}|{re.escape(EVAL)})\b.*", line.split("  #")[0].strip())
             if found:
                 commands.append(found.group(0))
     return commands
@@ -82,14 +84,14 @@ def run_documented(run_main, run_cli, logs: Path, commands: list[str]) -> dict[s
         if "<timestamp>" in command:
             command = command.replace("logs/multirun/<timestamp>", str(latest("multirun")))
         name, *args = command.split()
-        main = train_cli.main if name == "mnist-train" else eval_cli.main
+        main = train_cli.main if name == TRAIN else eval_cli.main
         if needs_a_cluster(command):  # here: refused before anything starts, in one message saying what is missing
             result = run_main(main, *args)
             assert result.code == 1 and "Traceback" not in result.stderr, (command, result.stderr[-2000:])
             assert any(reason in result.stderr for reason in CLUSTER_MISSING), (command, result.stderr[-2000:])
             continue
         if "ddp" in command:  # Lightning starts the other ranks by re-running the process's command: not pytest's
-            result = run_cli(name.removeprefix("mnist-"), *args, *FEW_BATCHES, "trainer.enable_progress_bar=true", timeout=400)
+            result = run_cli("train" if name == TRAIN else "eval", *args, *FEW_BATCHES, "trainer.enable_progress_bar=true", timeout=400)
         else:
             result = run_main(main, *args, *FEW_BATCHES, "trainer.enable_progress_bar=true")
         # The precision sweep's 16-true job ends in the documented error, and so does resume=latest once the newest
