@@ -95,6 +95,18 @@ def test_prediction_grid_frames_wrong_predictions_in_red():
 
 
 @pytest.mark.slow  # about 3 s: four networks
+@pytest.mark.parametrize("master, autocast", [("16-master", "16-mixed"), ("bf16-master", "bf16-mixed")])
+def test_the_standardisation_runs_in_fp32_under_the_master_copy_as_under_autocast(make_config, tmp_path, master, autocast):
+    """The data module standardises images on the device (on_after_batch_transfer); the half precisions cast the inputs
+    only where the model takes them, so its MLP's FP32 masters equal autocast's FP32 weights to the bit (the images were
+    once cast to half before they were standardised: the first step differed)."""
+    train(make_config(f"precision={autocast}", "trainer.max_epochs=1", output_dir=tmp_path / "autocast"))
+    train(make_config(f"precision={master}", "trainer.max_epochs=1", output_dir=tmp_path / "master"))
+    weights = load(tmp_path / "autocast/checkpoints/last.ckpt")["state_dict"]
+    masters = load(tmp_path / "master/checkpoints/last.ckpt")["MasterCopyPrecision"]["masters"]
+    assert masters and all(torch.equal(weights[name], masters[name]) for name in masters)
+
+
 def test_every_network_trains_under_the_master_copy(make_config):
     for net in ("mlp", "cnn", "convnet", "speedrun_cnn"):
         metrics = train(make_config(f"net={net}", "precision=16-master", "debug=fdr"))

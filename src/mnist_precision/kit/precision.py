@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -27,8 +28,9 @@ class TruePrecision(HalfPrecision):
     - the LightningModule's outputs are cast to FP32, so the loss computed from `self(x)` is FP32 (a half-precision
       log-softmax loses the small terms), and its gradient comes back through the cast;
     - torchmetrics' states stay FP32 (a float16 sum stops counting at 2048);
-    - only a batch's inputs (a tensor batch, or a tuple or list's first item) are cast: targets stay as the data module
-      made them (a regression target would lose its precision in half).
+    - the inputs are cast where the model takes them (`self(x)`), not when the batch is fetched: the data module's
+      preprocessing on the device (`on_after_batch_transfer`) runs in FP32, as under autocast, and targets stay as the
+      data module made them (a regression target would lose its precision in half).
     """
 
     def __init__(self, precision: str = "16-true") -> None:
@@ -42,7 +44,7 @@ class TruePrecision(HalfPrecision):
         self._to_half(module)
         for handle in self._hooks:  # (called again for each stage of the same trainer: one pair of hooks is enough)
             handle.remove()
-        self._hooks = [module.register_forward_pre_hook(self._half_default_dtype),
+        self._hooks = [module.register_forward_pre_hook(self._half_inputs, with_kwargs=True),
                        module.register_forward_hook(self._fp32_outputs, always_call=True)]
         return module
 
@@ -53,9 +55,14 @@ class TruePrecision(HalfPrecision):
         takes its dtype from a tensor made then, so under a half default every later input would be cast to half."""
         return nullcontext()
 
-    def _half_default_dtype(self, module: nn.Module, inputs: Any) -> None:
+    def _half_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The forward's floating-point inputs in half precision, and the half default dtype for what it creates."""
         self._outer_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
+        return apply_to_collection((args, kwargs), Tensor, self._to_dtype)
+
+    def _to_dtype(self, tensor: Tensor) -> Tensor:
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def _fp32_outputs(self, module: nn.Module, inputs: Any, output: Any) -> Any:
         torch.set_default_dtype(self._outer_dtype)
@@ -63,9 +70,9 @@ class TruePrecision(HalfPrecision):
 
     @override
     def convert_input(self, data: Any) -> Any:
-        if isinstance(data, (tuple, list)) and data:
-            return type(data)([super().convert_input(data[0]), *data[1:]])
-        return super().convert_input(data)
+        """Nothing, as the batch is fetched (before the data module's preprocessing): the model's forward casts its
+        inputs (`_half_inputs`)."""
+        return data
 
     def keeps_fp32(self, module: nn.Module) -> bool:
         """Whether a submodule keeps its own weights in FP32 (none here; the master copy keeps its norm layers)."""
