@@ -66,6 +66,8 @@ class HostReads(TorchDispatchMode):
         caller = next(name for name in reversed(files) if "/torch/" not in name or "/lightning/pytorch/" in name)
         if caller.startswith(TEMPLATE):
             return "template"
+        if "/optimi/" in caller:
+            return "torch-optimi"
         return "lightning" if "/lightning/" in caller else "torchmetrics" if "/torchmetrics/" in caller else "other"
 
 

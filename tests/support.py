@@ -77,6 +77,14 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def same_tensor(a, b) -> bool:
+    """Bit for bit; a tensor subclass (torchao's low-bit optimizer states) by the tensors it is made of."""
+    if hasattr(a, "__tensor_flatten__"):
+        names, context = a.__tensor_flatten__()
+        return type(a) is type(b) and names == b.__tensor_flatten__()[0] and all(same_tensor(getattr(a, n), getattr(b, n)) for n in names)
+    return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
 def assert_same_training_state(a: dict, b: dict) -> None:
     """Two checkpoints hold the same weights, optimizer state and progress, bit for bit."""
     assert a["state_dict"].keys() == b["state_dict"].keys()
@@ -85,7 +93,7 @@ def assert_same_training_state(a: dict, b: dict) -> None:
     for (ka, va), (kb, vb) in zip(a["optimizer_states"][0]["state"].items(), b["optimizer_states"][0]["state"].items(), strict=True):
         assert ka == kb
         for name in va:
-            assert torch.equal(torch.as_tensor(va[name]), torch.as_tensor(vb[name])), (ka, name)
+            assert same_tensor(va[name], vb[name]), (ka, name)
     assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
 
 

@@ -19,14 +19,18 @@ import pytest
 import torch
 from host_reads import count_host_reads
 from omegaconf import open_dict
-from support import assert_same_epoch_scalars, assert_same_training_state, load, quadrants, straight_and_resumed
+from support import assert_same_epoch_scalars, assert_same_training_state, compose_config, load, quadrants, straight_and_resumed
 
 from mnist_precision.cli.train import train
 from mnist_precision.kit.build import build_run
 from mnist_precision.kit.checkpoints import loader_saves_position
 from mnist_precision.kit.errors import TrainingDiverged, TrainingInterrupted
 
-PRECISIONS = ["32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "16-master", "bf16-master"]
+PRECISIONS = ["32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "16-master", "bf16-master", "bf16-kahan",
+              pytest.param("bf16-sr", marks=pytest.mark.slow)]  # (torchao compiles its update for each parameter shape)
+# The recipes beyond mixed precision: their optimizer states (Kahan buffers, torchao's low-bit states) resume exactly too.
+RECIPES = ["precision=bf16-kahan", *(pytest.param(recipe, marks=pytest.mark.slow) for recipe in
+                                     ["precision=bf16-sr", "optimizer=adamw8bit", "precision=bf16-sr optimizer=adamw4bit"])]
 TASKS = ["configured", "quadrants, plain loader", "quadrants, stateful loader"]
 
 
@@ -61,6 +65,16 @@ def test_two_plus_two_epochs_equal_four(make_config, tmp_path, task, request):
     assert straight["lr_schedulers"] == resumed["lr_schedulers"]
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_two_plus_two_epochs_equal_four_with_each_recipe(configured_task, tmp_path, recipe):
+    """On the configured task (its network has tensors large enough for torchao to quantise their optimizer state)."""
+    def make_config(*overrides: str, output_dir: Path | None = None):
+        return compose_config(configured_task, list(overrides), output_dir or tmp_path / "run")
+
+    straight, resumed = straight_and_resumed(make_config, tmp_path, *recipe.split())
+    assert_same_training_state(straight, resumed)
+
+
 def test_an_epoch_end_resume_says_when_it_cannot_be_exact(make_config, tmp_path, task):
     """Where the loader's epoch-end state does not resume exactly (torchdata's StatefulDataLoader, above), the resume
     says so; elsewhere it says nothing."""
@@ -79,12 +93,14 @@ def with_signal(step: int) -> list[str]:
             f"+callbacks.fault.step={step}"]
 
 
-@pytest.mark.parametrize("precision", ["32", "16-master"])
-def test_sigterm_mid_epoch_then_resume_is_exact_where_the_loader_saves_its_position(make_config, tmp_path, precision):
+@pytest.mark.parametrize("recipe", ["precision=32", "precision=16-master",
+                                    *(pytest.param(recipe, marks=pytest.mark.slow) for recipe in
+                                      ["precision=bf16-kahan", "precision=bf16-sr optimizer=adamwfp8"])])
+def test_sigterm_mid_epoch_then_resume_is_exact_where_the_loader_saves_its_position(make_config, tmp_path, recipe):
     """SIGTERM in the second epoch (after 3 of its batches) saves the state at that batch boundary; a resume to the end of
     the third epoch equals an uninterrupted run where the loader can save its position, and where it cannot the stop
     and the resume say so (never "exact")."""
-    common = [f"precision={precision}", "trainer.max_epochs=3"]
+    common = [*recipe.split(), "trainer.max_epochs=3"]
     train(make_config(*common, output_dir=tmp_path / "straight"))
     cfg = make_config(*common, *with_signal(11), output_dir=tmp_path / "run")
     with pytest.raises(TrainingInterrupted) as stopped:
@@ -163,11 +179,13 @@ def test_a_step_that_does_not_log_reads_nothing_on_the_host(make_config):
     assert sum(reads.values()) == 0, dict(reads)
 
 
-def test_the_trained_model_exports_to_programs_that_load_and_run(run_main, tmp_path):
+@pytest.mark.parametrize("recipe", ["precision=32", *(pytest.param(recipe, marks=pytest.mark.slow) for recipe in
+                                                      ["precision=bf16-kahan", "optimizer=adamw8bit"])])
+def test_the_trained_model_exports_to_programs_that_load_and_run(run_main, tmp_path, recipe):
     from mnist_precision.cli import train as train_cli
     from mnist_precision.tools import export as export_cli
 
-    assert run_main(train_cli.main, "trainer.max_epochs=1").code == 0
+    assert run_main(train_cli.main, "trainer.max_epochs=1", *recipe.split()).code == 0
     run_dir = next((tmp_path / "logs/train").iterdir())
     exported = run_main(export_cli.main, f"ckpt_path={run_dir}/checkpoints/last.ckpt", "export.formats=[fp32]",
                         "export.latency_runs=2", fast=False)

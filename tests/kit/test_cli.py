@@ -234,6 +234,16 @@ BAD_TRAIN_INPUTS = {
     "a misspelt option": (["optimizer=adamm"], "optimizer=adamm: did you mean optimizer=adam?"),
     "an option of another group": (["optimizer=quadrants_mlp"], "optimizer=quadrants_mlp: did you mean net=quadrants_mlp?"),
     "an option close to the groups own": (["model=quadrant"], "model=quadrant: did you mean model=quadrants?"),
+    "kahan sums for an optimizer torch-optimi lacks": (["precision=bf16-kahan", "optimizer=adamw8bit"],
+                                                       "precision=bf16-kahan compensates the updates of optimizer=adam, adamw, sgd "
+                                                       "(torch-optimi), not those of torchao.optim.AdamW8bit"),
+    "kahan sums for Nesterov momentum": (["precision=bf16-kahan", "optimizer=sgd"],
+                                         "precision=bf16-kahan: optimi.SGD (torch-optimi) has no nesterov: set optimizer.nesterov=false"),
+    "kahan sums for a fused optimizer": (["precision=bf16-kahan", "+optimizer.fused=true"], "has no fused: set optimizer.fused=false"),
+    "stochastic rounding for SGD": (["precision=bf16-sr", "optimizer=sgd"],
+                                    "precision=bf16-sr compensates the updates of optimizer=adam, adamw, adamw8bit, adamw4bit, adamwfp8 (torchao)"),
+    "stochastic rounding for Adam's L2 decay": (["precision=bf16-sr", "optimizer=adam", "+optimizer.weight_decay=0.1"],
+                                                "precision=bf16-sr: torchao has no Adam with L2 weight decay (optimizer.weight_decay=0.1)"),
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from host_reads import COUNTED, PRECISIONS, WITH_GRAD_SCALER, CountedSteps, HostReads, count_host_reads, fit_bracketed
 
+from mnist_precision.kit.build import build_run
 from mnist_precision.kit.monitor import TrainingMonitor
 
 
@@ -25,6 +26,20 @@ def test_with_a_plain_optimizer_only_grad_scaler_step_reads_its_flag(make_config
     reads = count_host_reads(make_config, f"precision={precision}", "optimizer=sgd")
     expected = {"GradScaler": len(COUNTED)} if precision in WITH_GRAD_SCALER else {}
     assert dict(reads) == expected
+
+
+def test_kahan_compensated_updates_read_only_their_step_counter_which_stays_on_the_cpu(make_config):
+    """torch-optimi's update (precision=bf16-kahan) reads one number a step: its step counter, which it keeps on the CPU
+    (`torch.tensor(0)` with no device), so the read waits for no device."""
+    reads = count_host_reads(make_config, "precision=bf16-kahan", "optimizer=adamw")
+    assert dict(reads) == {"torch-optimi": len(COUNTED)}
+    run = build_run(make_config("precision=bf16-kahan", "optimizer=adamw"))
+    optimizer = run.model.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    for parameter in run.model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    assert all(group["step"].device.type == "cpu" for group in optimizer.param_groups)
 
 
 def test_the_counter_sees_every_kind_of_read_and_who_made_it():

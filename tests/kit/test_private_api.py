@@ -13,6 +13,7 @@ from support import TinyRegression, fit_tiny, tensorboard_scalars
 from mnist_precision.kit.build import build_run
 from mnist_precision.kit.private_api import (
     NORM_LAYERS,
+    TORCHAO_ADAMW,
     TRAINING_STEP_HOOKS,
     batches_processed_this_epoch,
     epochs_trained,
@@ -192,3 +193,14 @@ def test_a_metric_state_put_back_with_its_update_count_computes_as_the_original(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torchmetrics warns when a metric computes with no update counted
         assert copy.compute() == original.compute() == 3.0
+
+
+def test_torchaos_adamw_rounds_bfloat16_updates_stochastically():
+    """precision=bf16-sr builds torchao's underscored AdamW: full-precision state, bf16_stochastic_round."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    adamw = get_class(TORCHAO_ADAMW)
+    assert issubclass(adamw, torch.optim.Optimizer)
+    assert {"lr", "betas", "eps", "weight_decay", "bf16_stochastic_round"} <= set(inspect.signature(adamw).parameters)

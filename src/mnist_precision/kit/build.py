@@ -7,6 +7,7 @@ the machinery needs of them is the contract in docs/adapting.md.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,11 @@ def build_run(cfg: DictConfig) -> Run:
     torch.set_num_threads(intra_op_threads(cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     precision = precision_arguments(cfg.precision, cfg.trainer)
+    for plugin in precision.get("plugins", []):
+        if hasattr(plugin, "optimizer_config") and cfg.get("optimizer") is not None:  # bf16-kahan, bf16-sr
+            cfg = copy.deepcopy(cfg)  # (the caller's config keeps the optimizer the user chose: a resume builds from it again)
+            with open_dict(cfg):
+                cfg.optimizer = plugin.optimizer_config(cfg.optimizer)
     check_optimizer_and_scheduler(cfg, precision.get("plugins", []))
     model = build("model", cfg.model)
     check_model(model)

@@ -32,6 +32,15 @@ class CheckpointSaveError(RunFailed):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO: a checkpoint is written whole or not at all, and one holding tensor subclasses loads."""
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning loads with a callable map_location (each storage where it was saved), which torch refuses for a tensor
+        subclass such as torchao's 8-bit, 4-bit and FP8 optimizer states ("Callable map_location not supported with
+        _rebuild_wrapper_subclass"). On the CPU instead: Lightning moves the model's and the optimizers' states to
+        their device after loading them, as it does for any checkpoint."""
+        return super().load_checkpoint(path, map_location="cpu" if callable(map_location) else map_location, weights_only=weights_only)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         target = Path(path)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")

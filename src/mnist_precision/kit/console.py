@@ -37,6 +37,12 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
      "would cost one all-reduce each, an epoch, for nothing"),
     (r"is an Enum subclass and is now natively supported by torch.compile",
      "torchao 0.18 registers an Enum with torch's pytree on import, which torch 2.14 deprecates; nothing to do for users"),
+    (r"OptimState(8bit|4bit|Fp8) does not implement _stable_hash_for_caching",
+     "torchao 0.18's low-bit optimizer states lack a hash torch's compile cache asks for: the state is compiled again "
+     "instead of taken from the cache; torchao's to add"),
+    (r"To copy construct from a tensor, it is recommended to use sourceTensor\.detach\(\)\.clone\(\)",
+     "torchao's optimizers (bf16-sr, adamw8bit, ...) keep the learning rate as a tensor, so that a schedule does not "
+     "recompile their update; Lightning's LearningRateMonitor copies it with torch.tensor(), which torch warns about"),
     (r"'set_vital' is deprecated, please do not call",
      "torchdata 0.11's StatefulDataLoader calls torch.set_vital, which torch 2.14 deprecates; torchdata's to fix, no effect"),
     (r"No CUDA runtime is found, using CUDA_HOME",

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities.data import extract_batch_size
-from torch import Tensor
+from torch import Tensor, nn
 
 from mnist_precision.kit.errors import TrainingDiverged
 from mnist_precision.kit.private_api import should_log_this_step
@@ -30,6 +30,8 @@ class TrainingMonitor(L.Callback):
       stops only after `patience` of them in a row: one bad batch is not a divergence, but a loss that stays inf or
       NaN while steps are skipped is.
     - `train/loss_scale` and `train/skipped_steps` (reading them is a sync): on logging steps.
+    - `memory/bytes_per_param` and `memory/optimizer_bytes_per_param`, measured after the first step
+      (`bytes_per_parameter`), once per epoch.
     - `train/samples_per_sec`, once per epoch. (Lightning's ThroughputMonitor synchronises CUDA after
       every batch, which costs more than a whole step of a small model.)
     - `fit_seconds`: from the first training step to the end of the last epoch (validation and checkpoints
@@ -57,6 +59,7 @@ class TrainingMonitor(L.Callback):
         self.fit_seconds: float | None = None
         self._fit_clock: Stopwatch | None = None
         self._restored: tuple[float, int] = (0.0, 0)  # the epoch's sums in the checkpoint a run resumed from
+        self._bytes_per_parameter: tuple[float, float] | None = None  # measured after the first step
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(pl_module.device)
@@ -102,7 +105,9 @@ class TrainingMonitor(L.Callback):
         if loss is not None:
             self._losses.append(loss)  # already detached by Lightning
             self._where.append((self._step, trainer.current_epoch, batch_idx, size))
-        if should_log_this_step(trainer):
+        if self._bytes_per_parameter is None and trainer.global_step > self._step:  # after the fit's first optimizer step
+            self._bytes_per_parameter = bytes_per_parameter(pl_module, trainer.optimizers)  # (Lightning frees the
+        if should_log_this_step(trainer):                                                   # gradients before validation)
             self.check_losses(trainer)
             if loss is not None:
                 pl_module.log("train/loss_step", loss * trainer.accumulate_grad_batches, on_step=True, on_epoch=False)
@@ -115,6 +120,9 @@ class TrainingMonitor(L.Callback):
         loss_sum, samples = trainer.strategy.reduce(totals, reduce_op="sum").tolist()  # one all-reduce an epoch
         if samples:
             pl_module.log("train/loss_epoch", loss_sum / samples * trainer.accumulate_grad_batches, prog_bar=True)
+        if self._bytes_per_parameter is not None:
+            pl_module.log("memory/bytes_per_param", self._bytes_per_parameter[0], rank_zero_only=True)
+            pl_module.log("memory/optimizer_bytes_per_param", self._bytes_per_parameter[1], rank_zero_only=True)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop_timer(pl_module)  # validation time is not training throughput
@@ -166,6 +174,37 @@ class TrainingMonitor(L.Callback):
         self.history.append((self._samples, elapsed))
         world_size = pl_module.trainer.world_size
         pl_module.log("train/samples_per_sec", self._samples * world_size / elapsed, on_epoch=True, rank_zero_only=True)
+
+
+def bytes_per_parameter(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[float, float]:
+    """What training holds per parameter of the model, counted from the live tensors after a step: its weights and
+    gradients, and what its optimizers hold beside them (FP32 master weights and their gradients, moments, Kahan
+    buffers). Returns (all of it, the optimizers' part), in bytes. Each storage counts once (a master that shares a
+    parameter's memory adds nothing); a tensor subclass (torchao's 8-bit, 4-bit and FP8 optimizer states) counts the
+    tensors it is made of (torch's `__tensor_flatten__` protocol). Buffers (BatchNorm's running statistics) are not
+    parameters' memory and are left out."""
+    seen: set[tuple[int, torch.device]] = set()
+
+    def size(tensor: Tensor) -> int:
+        if hasattr(tensor, "__tensor_flatten__"):
+            names, _ = tensor.__tensor_flatten__()
+            return sum(size(getattr(tensor, name)) for name in names)
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), tensor.device)
+        if key in seen or storage.nbytes() == 0:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+
+    parameters = list(model.parameters())
+    count = sum(parameter.numel() for parameter in parameters) or 1
+    held = sum(size(tensor) for parameter in parameters for tensor in (parameter, parameter.grad) if tensor is not None)
+    optimizer_held = 0
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            optimizer_held += sum(size(tensor) for master in group["params"] for tensor in (master, master.grad) if tensor is not None)
+        optimizer_held += sum(size(value) for state in optimizer.state.values() for value in state.values() if isinstance(value, Tensor))
+    return (held + optimizer_held) / count, optimizer_held / count
 
 
 def batch_size(batch: Any) -> int:

@@ -2,24 +2,28 @@
 precisions share.
 
 `32`, `16-mixed`, `bf16-mixed` are Lightning's own; `16-true`/`bf16-true` are Lightning's with two guarantees any module
-gets (`TruePrecision`); `16-master`/`bf16-master` are this project's FP32 master-copy plugin (master_precision.py).
+gets (`TruePrecision`); `16-master`/`bf16-master` are this project's FP32 master-copy plugin (master_precision.py);
+`bf16-kahan`/`bf16-sr` are `bf16-true` with compensated updates (`CompensatedPrecision`).
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+from hydra.utils import get_class
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.plugins.precision import HalfPrecision
 from lightning_utilities.core.apply_func import apply_to_collection
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
 from mnist_precision.kit.errors import UserError
+from mnist_precision.kit.private_api import TORCHAO_ADAMW
 
 
 class TruePrecision(HalfPrecision):
@@ -92,6 +96,85 @@ class TruePrecision(HalfPrecision):
             self._to_half(child)
 
 
+# precision -> the library, and for each torch optimizer its counterpart there with the arguments that compensate.
+COMPENSATED = {
+    "bf16-kahan": ("torch-optimi", {
+        "torch.optim.Adam": ("optimi.Adam", {"kahan_sum": True}),
+        "torch.optim.AdamW": ("optimi.AdamW", {"kahan_sum": True}),
+        "torch.optim.SGD": ("optimi.SGD", {"kahan_sum": True, "torch_init": True}),  # torch's momentum buffer start
+    }),
+    "bf16-sr": ("torchao", {
+        "torch.optim.Adam": (TORCHAO_ADAMW, {"bf16_stochastic_round": True}),  # AdamW with no weight decay is Adam
+        "torch.optim.AdamW": (TORCHAO_ADAMW, {"bf16_stochastic_round": True}),
+        **{f"torchao.optim.{name}": (f"torchao.optim.{name}", {"bf16_stochastic_round": True})  # optimizer=adamw8bit, ...
+           for name in ("AdamW8bit", "AdamW4bit", "AdamWFp8")},
+    }),
+}
+
+
+OPTIMIZER_OPTIONS = {"torch.optim.Adam": "adam", "torch.optim.AdamW": "adamw", "torch.optim.SGD": "sgd", "torchao.optim.AdamW8bit":
+                     "adamw8bit", "torchao.optim.AdamW4bit": "adamw4bit", "torchao.optim.AdamWFp8": "adamwfp8"}  # conf/optimizer/
+
+
+class CompensatedPrecision(TruePrecision):
+    """`bf16-true` (bfloat16 weights, activations and optimizer state, with TruePrecision's guarantees), updated by an
+    optimizer that keeps what bfloat16 rounds off: `bf16-kahan` (Kahan-compensated updates, torch-optimi) or `bf16-sr`
+    (stochastically rounded updates, torchao). Pure bfloat16 loses an update smaller than half a weight's last bit
+    (a weight near 1 moves in steps of 2^-8); these keep FP32's accuracy at 10 (kahan) or 8 (sr) bytes a parameter.
+
+    The machinery puts the library's optimizer in place of the torch one the `optimizer` group names, with the same
+    hyperparameters (`optimizer_config`), before the module is built; `connect` checks what the module built.
+    """
+
+    def __init__(self, precision: str) -> None:
+        if precision not in COMPENSATED:
+            raise ValueError(f"precision must be one of {', '.join(COMPENSATED)}, got {precision!r}")
+        super().__init__("bf16-true")
+        self.name = precision
+
+    def optimizer_config(self, node: DictConfig) -> DictConfig:
+        """The `optimizer` config with the library's optimizer in place of torch's: torch's defaults for what the config
+        leaves out (the libraries' defaults differ: optimi's Adam has betas (0.9, 0.99) and eps 1e-6), each setting
+        passed on, a torch switch left off dropped; raises UserError for what the library cannot do."""
+        library, counterparts = COMPENSATED[self.name]
+        target = node.get("_target_")
+        if target not in counterparts:
+            offered = ", ".join(OPTIMIZER_OPTIONS[name] for name in counterparts)
+            raise UserError(f"precision={self.name} compensates the updates of optimizer={offered} ({library}), not "
+                            f"those of {target}: choose one of those, or precision=bf16-master (FP32 master weights) for "
+                            "another optimizer.")
+        replacement, switches = counterparts[target]
+        torch_defaults = {name: parameter.default for name, parameter in inspect.signature(get_class(target)).parameters.items()
+                          if parameter.default is not inspect.Parameter.empty}
+        settings = {**torch_defaults, **{key: value for key, value in node.items() if not str(key).startswith("_")}}
+        if target == "torch.optim.Adam" and replacement == TORCHAO_ADAMW and settings.get("weight_decay"):
+            raise UserError(f"precision={self.name}: {library} has no Adam with L2 weight decay (optimizer.weight_decay="
+                            f"{settings['weight_decay']}): use optimizer=adamw, or optimizer.weight_decay=0.")
+        accepted = inspect.signature(get_class(replacement)).parameters
+        arguments = {}
+        for name, value in settings.items():
+            if name in accepted:
+                arguments[name] = value
+            elif value not in (None, False, 0):  # a torch switch left off (fused, foreach, maximize, ...) means nothing
+                raise UserError(f"precision={self.name}: {replacement} ({library}) has no {name}: set "
+                                f"optimizer.{name}={'false' if value is True else 0}, or use precision=bf16-master.")
+        # _convert_: plain lists (torch's default betas), not OmegaConf's, in the optimizer's state: checkpoints load
+        # with weights_only
+        return OmegaConf.create({"_target_": replacement, "_partial_": True, "_convert_": "all", **arguments, **switches})
+
+    @override
+    def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple:
+        """Refuse an optimizer the module built itself rather than from the `optimizer` config: it would update the
+        bfloat16 weights uncompensated, as bf16-true does."""
+        expected = tuple(get_class(replacement) for replacement, _ in COMPENSATED[self.name][1].values())
+        for optimizer in optimizers:
+            if not isinstance(optimizer, expected):
+                raise UserError(f"precision={self.name}: the module's configure_optimizers built a {type(optimizer).__name__}, "
+                                "not the optimizer the `optimizer` config names (which the machinery makes compensated): "
+                                "build it from that config, as task/module.py does.")
+        return super().connect(model, optimizers, lr_schedulers)
+
+
 def outputs_to_fp32(module: nn.Module, inputs: Any, output: Any) -> Any:
     """A forward hook: floating-point outputs (a tensor, or a tuple/list/dict of them) in FP32."""
     if isinstance(output, Tensor):
@@ -119,6 +202,8 @@ def precision_arguments(precision: DictConfig, trainer: DictConfig) -> dict[str,
             raise UserError(f"precision={name}: {error}") from None
     if name in ("16-true", "bf16-true"):
         return {"plugins": [TruePrecision(name)]}
+    if name in COMPENSATED:
+        return {"plugins": [CompensatedPrecision(name)]}
     if name == "16-mixed" and runs_on_cpu(trainer.accelerator):
         # Given precision="16-mixed" on CPU, Lightning silently trains in bf16 instead. torch has
         # float16 autocast and GradScaler on CPU, so ask for them explicitly: 16-mixed means float16.

@@ -21,6 +21,11 @@ from torchmetrics import Metric
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
+# torchao's AdamW with full-precision (bfloat16 here) state and stochastically rounded bfloat16 updates (precision=bf16-sr).
+# torchao exports only its low-bit AdamWs (AdamW8bit, ...: quantised state) under public names.
+TORCHAO_ADAMW = "torchao.optim._AdamW"
+
+
 def should_log_this_step(trainer: L.Trainer) -> bool:
     """Whether Lightning writes this training step's logged values (every `trainer.log_every_n_steps`).
 

@@ -65,6 +65,13 @@ class MasterPrecisionConfig:
 
 
 @dataclass
+class CompensatedPrecisionConfig:
+    """bfloat16 weights and optimizer state with compensated updates (precision.CompensatedPrecision)."""
+
+    name: str = one_of("bf16-kahan", "bf16-sr")
+
+
+@dataclass
 class SchedulerConfig:
     lr_scheduler: Optional[Any] = None  # a torch.optim.lr_scheduler class, _partial_: its own signature is its schema
     interval: str = one_of("epoch", "step")  # when it steps: after each epoch, or after each optimizer step
@@ -73,6 +80,7 @@ class SchedulerConfig:
 register({
     ("precision", "lightning"): LightningPrecisionConfig,
     ("precision", "master"): MasterPrecisionConfig,
+    ("precision", "compensated"): CompensatedPrecisionConfig,
     ("scheduler", "scheduler"): SchedulerConfig,
 })
 
