@@ -31,10 +31,11 @@ KNOWN_HARMLESS: list[tuple[str, str]] = [
     (r"Precision \S+ is not supported by the model summary",
      "the summary's size column falls back to 32 bits a weight for 16-mixed/bf16-mixed (right: their weights are FP32) "
      "and for the master copy (a half model plus FP32 masters, 48 bits a weight: no single width is right)"),
-    (r"It is recommended to use `self.log\('(train/loss_epoch|train/samples_per_sec)', \.\.\., sync_dist=True\)`",
+    (r"It is recommended to use `self.log\('(train/loss_epoch|train/samples_per_sec|memory/bytes_per_param|"
+     r"memory/optimizer_bytes_per_param)', \.\.\., sync_dist=True\)`",
      "under DDP: the training monitor logs the epoch's training loss already summed over the ranks (one all-reduce of the "
-     "sums), and samples/s from rank 0 already multiplied by the world size. Matched by key; sync_dist=True on these "
-     "would cost one all-reduce each, an epoch, for nothing"),
+     "sums), samples/s from rank 0 already multiplied by the world size, and rank 0's bytes a parameter (every rank holds "
+     "the same). Matched by key; sync_dist=True on these would cost one all-reduce each, an epoch, for nothing"),
     (r"is an Enum subclass and is now natively supported by torch.compile",
      "torchao 0.18 registers an Enum with torch's pytree on import, which torch 2.14 deprecates; nothing to do for users"),
     (r"OptimState(8bit|4bit|Fp8) does not implement _stable_hash_for_caching",
