@@ -28,6 +28,7 @@ def test_with_a_plain_optimizer_only_grad_scaler_step_reads_its_flag(make_config
     assert dict(reads) == expected
 
 
+@pytest.mark.slow  # about 3 s
 def test_kahan_compensated_updates_read_only_their_step_counter_which_stays_on_the_cpu(make_config):
     """torch-optimi's update (precision=bf16-kahan) reads one number a step: its step counter, which it keeps on the CPU
     (`torch.tensor(0)` with no device), so the read waits for no device."""

@@ -69,8 +69,8 @@ def test_a_module_that_builds_its_own_optimizer_is_refused_under_compensated_upd
 
 # (precision, bytes a parameter in all, of which the optimizer's), Adam on the quadrants MLP (no tensor of 4096
 # elements: torchao would keep even a low-bit state in full precision there, see the slow test below)
-RECIPES = [("32", 16, 8), ("bf16-kahan", 10, 6), ("bf16-master", 18, 16),
-           *(pytest.param(*recipe, marks=pytest.mark.slow) for recipe in [("bf16-mixed", 16, 8), ("bf16-true", 8, 4)])]
+RECIPES = [("32", 16, 8), ("bf16-kahan", 10, 6), *(pytest.param(*recipe, marks=pytest.mark.slow) for recipe in
+                                                    [("bf16-mixed", 16, 8), ("bf16-true", 8, 4), ("bf16-master", 18, 16)])]
 
 
 @pytest.mark.parametrize(("precision", "total", "optimizer"), RECIPES)
