@@ -41,6 +41,7 @@ def test_the_bench_writes_json_markdown_chart_and_tensorboard(run_main, tmp_path
     assert "| quadrants_mlp | 16-master | template |" in (run_dir / "bench.md").read_text()
     assert (run_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert not list(run_dir.rglob("*.ckpt"))  # written as a run writes them (they are part of an epoch's time), not kept
 
 
 def test_baselines_run_on_the_device_mnist_train_uses(make_config, monkeypatch):

@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import operator
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -348,10 +349,11 @@ def take_turns(jobs: list[tuple[str, str, str, list[str]]], run_dir: Path, round
     wait), until each has sent its result. Nothing runs beside an epoch: every worker's setup and sanity check are done
     before the first epoch starts, and its test and exit happen in its last turn."""
     context = multiprocessing.get_context("spawn")
-    workers = []
+    workers, output_dirs = [], []
     for kind, net, precision, overrides in jobs:
         here, there = context.Pipe()
         output_dir = run_dir / "runs" / f"{net}_{precision}_{kind.replace(': ', '_').replace(' ', '_')}_round{round_number}"
+        output_dirs.append(output_dir)
         process = context.Process(target=_worker, args=(kind, overrides, str(output_dir), warmup, there), daemon=True)
         process.start()
         there.close()  # the worker's end is the worker's: a worker that dies is then an EOFError here, not a hang
@@ -368,6 +370,9 @@ def take_turns(jobs: list[tuple[str, str, str, list[str]]], run_dir: Path, round
         if what == "result":
             results[number] = value
             workers[number][0].join()  # its exit (seconds, for a process holding torch) must not overlap the next epoch
+            # Writing the checkpoints is part of what the template's epochs cost; keeping them is not what a bench is
+            # for (a wide_mlp bench kept 5 GB of them).
+            shutil.rmtree(output_dirs[number] / "checkpoints", ignore_errors=True)
 
     try:
         for number in range(len(jobs)):  # all set up (data, net, sanity check) before the first epoch starts
