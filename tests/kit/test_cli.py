@@ -201,8 +201,14 @@ BAD_TRAIN_INPUTS = {
     "guard patience zero": (["callbacks.training_monitor.patience=0"], "callbacks.training_monitor: patience must be an integer >= 1, got 0"),
     "negative kept epochs": (["callbacks.last_checkpoint.keep_every_n_epochs=-1"], "keep_every_n_epochs must be >= 0, got -1"),
     "a group set to null": (["callbacks=null"], "callbacks=null: a config group takes an option, not null; use callbacks=none"),
-    "trainer.precision": (["+trainer.precision=16-mixed"], "trainer.precision is not read here: precision is its own config group. "
-                          "Use precision=16-mixed"),
+    "trainer.precision": (["+trainer.precision=16-mixed"], "trainer.precision is not read here: precision is its own config group; "
+                          "use precision=16-mixed"),
+    # Lightning's spellings, as a lightning-hydra-template user types them: the option that means the same, in one step
+    "Lightning's 16 as trainer.precision": (["trainer.precision=16"], "use precision=16-mixed (Lightning's 16)"),
+    "Lightning's bf16 as a group option": (["precision=bf16"], "precision=bf16: use precision=bf16-mixed (Lightning's bf16)"),
+    "Lightning's 16 in a sweep": (["-m", "precision=32,16"], "precision=32,16: use precision=16-mixed"),
+    "a precision nobody offers": (["+trainer.precision=64"], "precision=64 is not offered; choose one of: 16-master"),
+    "lightning-hydra-template's model.compile": (["model.compile=true"], "use compile=true (a top-level key)"),
     "unknown model argument": (["+model.nonsense=true"], "model: QuadrantsClassifier.__init__() got an unexpected keyword argument 'nonsense'"),
     "zero-width layer": (["net.hidden=0"], "model: layers with no weights cannot train: net.1.weight (0, 64)"),
     "unknown trainer argument": (["+trainer.nonsense=3"], "trainer: Trainer.__init__() got an unexpected keyword argument 'nonsense'"),

@@ -25,6 +25,7 @@ from omegaconf.errors import InterpolationValidationError
 
 from mnist_precision.kit.config import CONF_DIR
 from mnist_precision.kit.errors import UserError, first_line
+from mnist_precision.kit.runs import use_precision
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -45,7 +46,7 @@ def check_config(cfg: DictConfig) -> None:
         if cfg.trainer.get(key) is not None:  # (Lightning takes a negative log_every_n_steps silently)
             problems += _check_number(cfg, f"trainer.{key}", integer=True, minimum=minimum)
     if "precision" in cfg.trainer:  # what a lightning-hydra-template user types; Trainer would take it over ours
-        problems.append(f"trainer.precision is not read here: precision is its own config group. Use precision={cfg.trainer.precision}")
+        problems.append(f"trainer.precision is not read here: precision is its own config group; {use_precision(str(cfg.trainer.precision))}")
     if OmegaConf.select(cfg, "monitor.mode") not in ("min", "max"):
         problems.append(f"monitor.mode must be min or max, got {OmegaConf.select(cfg, 'monitor.mode')!r}")
     if not isinstance(OmegaConf.select(cfg, "monitor.metric"), str) or not OmegaConf.select(cfg, "monitor.metric"):

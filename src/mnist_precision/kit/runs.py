@@ -172,6 +172,40 @@ def check_group_overrides(argv: list[str]) -> None:
             raise UserError(f"{arg}: a config group takes an option, not null; {fix}{one}")
 
 
+# Lightning's spellings of a precision (Trainer(precision=...)) -> this template's option that means the same.
+LIGHTNING_PRECISIONS = {"16": "16-mixed", "bf16": "bf16-mixed", "32-true": "32"}
+
+
+def precision_option(value: str) -> str | None:
+    """The `conf/precision/` option for a precision as Lightning spells it (`16` -> `16-mixed`), or None."""
+    options = {path.stem for path in (CONF_DIR / "precision").glob("*.yaml")}
+    option = value if value in options else LIGHTNING_PRECISIONS.get(value)
+    return option if option in options else None
+
+
+def use_precision(value: str) -> str:
+    option = precision_option(value)
+    if option is None:
+        options = ", ".join(sorted(path.stem for path in (CONF_DIR / "precision").glob("*.yaml")))
+        return f"precision={value} is not offered; choose one of: {options}"
+    return f"use precision={option}" + (f" (Lightning's {value})" if option != value else "")
+
+
+def check_lightning_spellings(argv: list[str]) -> None:
+    """What a Lightning or lightning-hydra-template user types, answered with the key to use in one step:
+    `trainer.precision=16` and `precision=16`/`bf16` (precision is a config group of its own here, named as Lightning
+    names the recipe: `16-mixed`), and `model.compile=true` (compiling is the machinery's, for any module: `compile=true`)."""
+    for arg in argv:
+        key, value = override_key(arg), arg.partition("=")[2].strip("'\"")
+        if key == "trainer.precision" and value:
+            raise UserError(f"{arg}: trainer.precision is not read here: precision is its own config group; {use_precision(value)}.")
+        for option in value.split(",") if key == "precision" else ():  # (a sweep's values too)
+            if option in LIGHTNING_PRECISIONS and precision_option(option) != option:
+                raise UserError(f"{arg}: {use_precision(option)}.")
+        if key == "model.compile":
+            raise UserError(f"{arg}: the machinery compiles any module; use compile={value or 'true'} (a top-level key).")
+
+
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info")
 
 
@@ -220,6 +254,7 @@ def train_argv(argv: list[str]) -> list[str]:
     """Checks `ckpt_path=` (a file, or a run directory for its last.ckpt); turns `resume=<run_dir>|latest` into the run's
     saved overrides + the new ones, run dir pinned."""
     check_group_overrides(argv)
+    check_lightning_spellings(argv)
     check_launcher(argv)
     if not asks_hydra_only(argv):
         check_writable(log_dir_from(argv), "paths.log_dir")
