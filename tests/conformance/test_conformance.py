@@ -6,7 +6,9 @@ and with torchdata's StatefulDataLoader. Every test here asks the task for nothi
 every precision trains; 2 + 2 epochs equal 4; SIGTERM mid-epoch then resume is exact wherever the loader can save its
 position, and says what differs where it cannot; the non-finite-loss guard stops a run at its first bad step; a
 scheduler stepping with the optimizer holds on a step the loss scaler skipped; a step that does not log reads nothing
-on the host (with a fused optimizer); and the trained model exports to programs that load and run.
+on the host (with a fused optimizer); the trained model exports to programs that load and run; and `compile=true`
+trains under every precision, without compiling again for the epoch's last batch, into checkpoints an uncompiled run
+takes (and the other way round).
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def test_a_step_that_does_not_log_reads_nothing_on_the_host(make_config):
 
 
 @pytest.mark.parametrize("recipe", ["precision=32", *(pytest.param(recipe, marks=pytest.mark.slow) for recipe in
-                                                      ["precision=bf16-kahan", "optimizer=adamw8bit"])])
+                                                      ["precision=bf16-kahan", "optimizer=adamw8bit", "compile=true"])])
 def test_the_trained_model_exports_to_programs_that_load_and_run(run_main, tmp_path, recipe):
     from mnist_precision.cli import train as train_cli
     from mnist_precision.tools import export as export_cli
@@ -217,3 +219,57 @@ def build_run_for(run_dir: Path):
     run.datamodule.prepare_data()
     run.datamodule.setup("test")
     return run
+
+
+# compile=true (slow: Inductor compiles each graph, a few seconds on a CPU)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", [name if isinstance(name, str) else name.values[0] for name in PRECISIONS])
+def test_every_precision_trains_compiled(make_config, precision):
+    metrics = train(make_config(f"precision={precision}", "compile=true", "debug=fdr"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss_epoch"])) and any(name.startswith("test/") for name in metrics)
+
+
+class FailOnRecompileAfterFirstStep(L.Callback):
+    """From the second training step on, torch raises if anything compiles again."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            torch.compiler.set_stance("fail_on_recompile")
+
+    def teardown(self, trainer, pl_module, stage):
+        torch.compiler.set_stance("default")
+
+
+@pytest.mark.slow
+def test_a_compiled_network_is_not_compiled_again_for_the_epochs_last_smaller_batch(make_config):
+    def batch_sizes(run) -> list[int]:
+        run.datamodule.setup("fit")
+        return [len(batch[0]) for batch in run.datamodule.train_dataloader()]
+
+    samples, size = sum(batch_sizes(build_run(make_config()))), 0
+    size = next(size for size in range(samples // 3, 1, -1) if samples % size)  # a batch size that leaves a smaller last batch
+    # training alone (no validation graph compiled before it, which would have made the batch size dynamic anyway)
+    run = build_run(make_config("compile=true", "trainer.max_epochs=2", "test=false", f"data.batch_size={size}",
+                                "++trainer.num_sanity_val_steps=0", "++trainer.limit_val_batches=0"))
+    sizes = batch_sizes(run)
+    assert len(sizes) >= 3 and sizes[-1] < sizes[0], sizes
+    run.trainer.callbacks.append(FailOnRecompileAfterFirstStep())
+    try:
+        run.fit()
+    finally:
+        torch.compiler.set_stance("default")
+    assert run.trainer.global_step == 2 * len(sizes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("first", "then"), [("true", "false"), ("false", "true")])
+def test_a_compiled_runs_checkpoint_resumes_and_evaluates_uncompiled_and_the_other_way_round(make_config, tmp_path, first, then):
+    train(make_config(f"compile={first}", "trainer.max_epochs=1"))
+    saved = load(tmp_path / "run/checkpoints/last.ckpt")
+    assert list(saved["state_dict"]) == list(build_run(make_config()).model.state_dict())  # the plain module's keys (no _orig_mod.)
+    metrics = train(make_config(f"compile={then}", "trainer.max_epochs=2", f"resume={tmp_path / 'run'}"))
+    assert load(tmp_path / "run/checkpoints/last.ckpt")["global_step"] == 2 * saved["global_step"] > 0
+    assert any(name.startswith("test/") for name in metrics)
+    tested = build_run(make_config(f"compile={then}")).test(str(tmp_path / "run/checkpoints/last.ckpt"), verbose=False)
+    assert tested and all(torch.isfinite(torch.tensor(value)) for value in tested.values())

@@ -225,6 +225,7 @@ BAD_TRAIN_INPUTS = {
     "a wrong type for a callback argument": (["callbacks.progress_bar.refresh_rate=abc"], "callbacks.progress_bar.refresh_rate must be an integer, got 'abc'"),
     "zero gradient accumulation": (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be >= 1, got 0"),
     "a negative logging interval": (["trainer.log_every_n_steps=-3"], "trainer.log_every_n_steps must be >= 0, got -3"),
+    "compile that is not a switch": (["compile=fast"], "compile must be true or false, got 'fast'"),
     "a choice the schema does not offer": (["scheduler.interval=daily"], "scheduler.interval must be one of epoch, step, got 'daily'"),
     "a fraction of less than one batch": (["trainer.limit_val_batches=0.1"], "Lightning refused the run: You requested to check 0.1 of "
                                                                                "the `val_dataloader` but 0.1 * 2 < 1"),
@@ -263,6 +264,14 @@ def test_bad_training_input_gets_one_clear_message(run_main, tmp_path, case):
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "logs").glob("train/*"))  # a refused run leaves no directory behind
+
+
+def test_compile_without_a_compiler_says_what_to_install(run_main, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-c++")  # where torch's Inductor looks first for the C++ compiler it builds with on a CPU
+    result = run_main(train_cli.main, "compile=true", "trainer=cpu")
+    assert result.code == 1 and "Traceback" not in result.stderr
+    assert "compile=true on a CPU needs a C++ compiler for torch's Inductor, and no-such-c++ ($CXX) is not on PATH: install one" in result.stderr
+    assert not list((tmp_path / "logs").glob("train/*"))
 
 
 @pytest.mark.parametrize("refused", ["trainer.accumulate_grad_batches=0", "trainer.enable_checkpointing=false"])

@@ -27,7 +27,7 @@ from mnist_precision.kit.checks import check_config, check_model, check_optimize
 from mnist_precision.kit.config import CONF_DIR
 from mnist_precision.kit.dashboard import mlflow_run_to_resume
 from mnist_precision.kit.errors import UserError, first_line
-from mnist_precision.kit.precision import precision_arguments
+from mnist_precision.kit.precision import precision_arguments, runs_on_cpu
 from mnist_precision.kit.runs import quote_values
 from mnist_precision.kit.schema import load_schemas
 
@@ -72,6 +72,8 @@ def build_run(cfg: DictConfig) -> Run:
     check_optimizer_and_scheduler(cfg, precision.get("plugins", []))
     model = build("model", cfg.model)
     check_model(model)
+    if cfg.compile:
+        speedups.compile_network(model, on_cpu=runs_on_cpu(cfg.trainer.accelerator))
     loggers = [build(f"logger.{name}", node, **mlflow_run_to_resume(node, cfg.resume))
                for name, node in (cfg.get("logger") or {}).items() if node is not None]
     callbacks = [build(f"callbacks.{name}", node) for name, node in (cfg.get("callbacks") or {}).items() if node is not None]

@@ -55,6 +55,8 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"tags must be a list of labels, as in tags=[baseline,ablation], got {cfg.get('tags')!r}")
     if not isinstance(cfg.get("test"), bool):
         problems.append(f"test must be true or false, got {cfg.get('test')!r}")
+    if not isinstance(cfg.get("compile", False), bool):
+        problems.append(f"compile must be true or false, got {cfg.get('compile')!r}")
     strategy = str(cfg.trainer.get("strategy", "auto"))
     if OmegaConf.select(cfg, "precision.name") in ("16-master", "bf16-master") and ("fsdp" in strategy or "deepspeed" in strategy):
         problems.append(f"precision={cfg.precision.name} cannot be combined with strategy={strategy}: that strategy shards the "

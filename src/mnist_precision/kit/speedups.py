@@ -6,7 +6,10 @@ docs/performance.md.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
+import os
+import shutil
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -14,7 +17,9 @@ import lightning as L
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
+from torchmetrics import Metric
 
+from mnist_precision.kit.errors import UserError
 from mnist_precision.kit.private_api import skip_inherited_step_hooks
 
 
@@ -110,3 +115,30 @@ class NoProfiler(PassThroughProfiler):
 
     def profile(self, action_name: str) -> AbstractContextManager:
         return self._NOTHING
+
+
+def compile_network(model: L.LightningModule, on_cpu: bool) -> None:
+    """`compile=true`: each submodule of the LightningModule that holds weights (the network, whatever the module calls
+    it) compiled in place with `nn.Module.compile`, so that a step's `self(x)` or `self.net(x)` runs compiled under any
+    precision, the module's own hooks (the precision plugins' casts) outside it. In place, the state dict keeps the
+    plain module's keys (`torch.compile(net)` wraps it and prefixes `_orig_mod.`): a compiled run's checkpoint resumes,
+    evaluates and exports with `compile=false`, and the other way round. `dynamic=True`: compiled for any batch size
+    from the start, so the epoch's last, smaller batch does not compile it again."""
+    check_compiler(on_cpu)
+    for child in model.children():
+        if not isinstance(child, Metric) and any(True for _ in child.parameters()):
+            child.compile(dynamic=True)
+
+
+def check_compiler(on_cpu: bool) -> None:
+    """torch.compile's backend (Inductor) builds C++ on a CPU and Triton kernels on a GPU: say what to install, before
+    the run starts, rather than fail at its first step. On a CPU it looks for $CXX, else g++ (torch._inductor.config)."""
+    if on_cpu:
+        compiler = os.environ.get("CXX", "g++")
+        if shutil.which(compiler) is None:
+            raise UserError(f"compile=true on a CPU needs a C++ compiler for torch's Inductor, and {compiler} "
+                            f"{'($CXX) ' if 'CXX' in os.environ else ''}is not on PATH: install one (apt install g++, or "
+                            "set CXX to yours), or run with compile=false.")
+    elif importlib.util.find_spec("triton") is None:
+        raise UserError("compile=true on a GPU needs Triton for torch's Inductor: pip install triton (the CUDA build of "
+                        "torch installs it), or run with compile=false.")
