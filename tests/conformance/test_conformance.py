@@ -28,12 +28,13 @@ from mnist_precision.kit.build import build_run
 from mnist_precision.kit.checkpoints import loader_saves_position
 from mnist_precision.kit.errors import TrainingDiverged, TrainingInterrupted
 
-PRECISIONS = ["32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "16-master", "bf16-master",
+PRECISIONS = ["32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "16-master", "bf16-master", "fp8",
               *(pytest.param(name, marks=pytest.mark.slow) for name in ("bf16-kahan", "bf16-sr"))]  # (in the fast suite's
 # 2 + 2 below; torchao compiles its update for each parameter shape)
 # The recipes beyond mixed precision: their optimizer states (Kahan buffers, torchao's low-bit states) resume exactly too.
 RECIPES = ["precision=bf16-kahan", *(pytest.param(recipe, marks=pytest.mark.slow) for recipe in
-                                     ["precision=bf16-sr", "optimizer=adamw8bit", "precision=bf16-sr optimizer=adamw4bit"])]
+                                     ["precision=bf16-sr", "optimizer=adamw8bit", "precision=bf16-sr optimizer=adamw4bit",
+                                      "precision=fp8"])]
 TASKS = ["configured", "quadrants, plain loader", "quadrants, stateful loader"]
 
 
@@ -194,7 +195,7 @@ def test_a_step_that_does_not_log_reads_nothing_on_the_host(make_config):
 
 
 @pytest.mark.parametrize("recipe", ["precision=32", *(pytest.param(recipe, marks=pytest.mark.slow) for recipe in
-                                                      ["precision=bf16-kahan", "optimizer=adamw8bit", "compile=true"])])
+                                                      ["precision=bf16-kahan", "optimizer=adamw8bit", "precision=fp8", "compile=true"])])
 def test_the_trained_model_exports_to_programs_that_load_and_run(run_main, tmp_path, recipe):
     from mnist_precision.cli import train as train_cli
     from mnist_precision.tools import export as export_cli

@@ -225,6 +225,8 @@ BAD_TRAIN_INPUTS = {
     "a wrong type for a callback argument": (["callbacks.progress_bar.refresh_rate=abc"], "callbacks.progress_bar.refresh_rate must be an integer, got 'abc'"),
     "zero gradient accumulation": (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be >= 1, got 0"),
     "a negative logging interval": (["trainer.log_every_n_steps=-3"], "trainer.log_every_n_steps must be >= 0, got -3"),
+    "fp8 with no linear layer torchao takes": (["precision=fp8", "net=cnn"], "precision=fp8: none of the model's linear layers "
+                                               "has both dimensions a multiple of 16"),
     "compile that is not a switch": (["compile=fast"], "compile must be true or false, got 'fast'"),
     "a choice the schema does not offer": (["scheduler.interval=daily"], "scheduler.interval must be one of epoch, step, got 'daily'"),
     "a fraction of less than one batch": (["trainer.limit_val_batches=0.1"], "Lightning refused the run: You requested to check 0.1 of "

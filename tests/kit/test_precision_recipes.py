@@ -1,21 +1,24 @@
-"""Precisions beyond mixed: `bf16-kahan` and `bf16-sr` (bfloat16 weights and state, compensated updates), the low-bit
-optimizer states (`optimizer=adamw8bit`, `adamw4bit`, `adamwfp8`), and what each recipe holds per parameter
-(`memory/bytes_per_param`). Their exact resume is in the conformance suite; their bad combinations in test_cli."""
+"""Precisions beyond mixed: `bf16-kahan` and `bf16-sr` (bfloat16 weights and state, compensated updates), `fp8`
+(float8 matmuls in the linear layers), the low-bit optimizer states (`optimizer=adamw8bit`, `adamw4bit`, `adamwfp8`),
+and what each recipe holds per parameter (`memory/bytes_per_param`). Their exact resume and export are in the
+conformance suite; their bad combinations in test_cli."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import textwrap
 
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from support import only_run_dir, tensorboard_events
+from support import only_run_dir, sweep_jobs, task_command, task_env, tensorboard_events
 
 from mnist_precision.cli import train as train_cli
 from mnist_precision.kit.errors import UserError
 from mnist_precision.kit.monitor import bytes_per_parameter
-from mnist_precision.kit.precision import CompensatedPrecision
+from mnist_precision.kit.precision import CompensatedPrecision, Float8Precision
 
 
 def compensated(precision: str, **node) -> OmegaConf:
@@ -70,7 +73,8 @@ def test_a_module_that_builds_its_own_optimizer_is_refused_under_compensated_upd
 # (precision, bytes a parameter in all, of which the optimizer's), Adam on the quadrants MLP (no tensor of 4096
 # elements: torchao would keep even a low-bit state in full precision there, see the slow test below)
 RECIPES = [("32", 16, 8), ("bf16-kahan", 10, 6), *(pytest.param(*recipe, marks=pytest.mark.slow) for recipe in
-                                                    [("bf16-mixed", 16, 8), ("bf16-true", 8, 4), ("bf16-master", 18, 16)])]
+                                                    [("bf16-mixed", 16, 8), ("bf16-true", 8, 4), ("bf16-master", 18, 16),
+                                                     ("fp8", 16, 8)])]
 
 
 @pytest.mark.parametrize(("precision", "total", "optimizer"), RECIPES)
@@ -99,3 +103,58 @@ def test_a_low_bit_state_counts_the_tensors_it_is_made_of(optimizer, expected):
     # two moments of `expected / 2` bytes an element, their block scales (an FP32 per block of 128 or 256 elements),
     # their code books (256 FP32 values for 8 bits), and the step counter
     assert expected < held < expected + 0.1 and total == pytest.approx(held + 8, abs=1e-9)
+
+
+def test_fp8_multiplies_in_float8_the_linear_layers_torchao_takes_and_keeps_the_others_fp32():
+    from torchao.float8.float8_linear import Float8Linear
+
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    weights = [id(parameter) for parameter in net.parameters()]
+    net = Float8Precision("cpu").convert_module(Float8Precision("cpu").convert_module(net))  # (once for each stage)
+    assert type(net[0]) is Float8Linear and type(net[2]) is torch.nn.Linear  # 10 outputs: not a multiple of 16
+    assert [id(parameter) for parameter in net.parameters()] == weights  # what the optimizer holds, and the checkpoint's keys
+    assert all(parameter.dtype == torch.float32 for parameter in net.parameters())
+    inputs = torch.randn(8, 64)
+    fp32 = net[2](torch.relu(torch.nn.functional.linear(inputs, net[0].weight, net[0].bias)))
+    assert not torch.equal(net(inputs), fp32) and torch.allclose(net(inputs), fp32, atol=0.05)  # float8 rounds, close
+
+
+def test_fp8_refuses_a_model_with_no_linear_layer_torchao_can_take():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 26 * 26, 10))
+    with pytest.raises(UserError, match=r"precision=fp8: none of the model's linear layers has both dimensions a multiple of 16.*"
+                                        r"its linear layers: 2 5408->10"):
+        Float8Precision("cpu").convert_module(net)
+
+
+def test_fp8_on_a_gpu_without_fp8_tensor_cores_says_which_gpus_have_them(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(UserError, match=r"needs a GPU with FP8 tensor cores \(compute capability 8.9 or more: Ada, Hopper\); "
+                                        r"this NVIDIA A100-SXM4-80GB has 8.0"):
+        Float8Precision("cuda")
+
+
+@pytest.mark.slow  # about 30 s: three DDP jobs of two processes
+def test_each_new_recipe_keeps_both_ddp_ranks_weights_and_optimizer_states_equal(tmp_path, task):
+    """Stochastic rounding draws random numbers and Kahan buffers hold what each update lost: on 2 CPU ranks both must
+    stay the same on every rank (same seed, same all-reduced gradients), or the replicas drift apart silently."""
+    (tmp_path / "dump_state.py").write_text(textwrap.dedent('''
+        import lightning as L, torch
+        class DumpState(L.Callback):
+            def __init__(self, path): self.path = path
+            def on_train_end(self, trainer, pl_module):
+                state = {"weights": pl_module.state_dict(), "optimizer": trainer.optimizers[0].state_dict()["state"]}
+                name = getattr(trainer.precision_plugin, "name", type(trainer.precision_plugin).__name__)
+                torch.save(state, f"{self.path}/{name}-{trainer.global_rank}.pt")
+    '''))
+    argv = task_command(task, tmp_path / "logs", "-m", "trainer=ddp_cpu", "precision=bf16-sr,bf16-kahan,fp8", "trainer.max_epochs=1",
+                        "optimizer=adamw", "+callbacks.dump._target_=dump_state.DumpState", f"+callbacks.dump.path={tmp_path}")
+    done = subprocess.run(argv, cwd=tmp_path, env=task_env(task, tmp_path), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(sweep_jobs(only_run_dir(tmp_path / "logs", "multirun"))) == 3
+    for name in ("bf16-kahan", "bf16-sr", "Float8Precision"):
+        rank0, rank1 = (torch.load(tmp_path / f"{name}-{rank}.pt", weights_only=False) for rank in (0, 1))
+        assert rank0["weights"].keys() == rank1["weights"].keys()
+        assert all(torch.equal(rank0["weights"][key], rank1["weights"][key]) for key in rank0["weights"]), name
+        states = [[torch.as_tensor(value) for state in dump["optimizer"].values() for value in state.values()] for dump in (rank0, rank1)]
+        assert len(states[0]) == len(states[1]) > 0 and all(torch.equal(a, b) for a, b in zip(*states, strict=True)), name

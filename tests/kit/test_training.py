@@ -42,6 +42,35 @@ def test_a_metric_logged_from_a_step_takes_its_inputs_in_fp32_under_half_precisi
     assert run.model(x).dtype == torch.float32  # ... the forward runs in half and returns FP32
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-master"])
+def test_under_ddps_forward_redirection_the_step_is_not_taken_for_the_models_forward(make_config, precision):
+    """Under DDP Lightning calls a step through the wrapper's forward, which calls the module with its `forward` swapped
+    for the step (`_ForwardRedirection`), and the step's `self(x)` calls it again: the half default dtype and the casts
+    belong to the inner call alone. Taken for a forward, the step cast the whole batch to half (targets too) and left
+    the half default dtype behind, which made later metric states half on rank 0 only: a DDP sweep's next job failed
+    in its first all-gather."""
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    class Wrapper(torch.nn.Module):  # what DDP is to Lightning here: a forward that calls the wrapped module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    run = build_run(make_config(f"precision={precision}", "trainer.max_epochs=1"))
+    run.fit()
+    images, targets = next(iter(run.datamodule.val_dataloader()))
+    seen = []
+    run.model.register_forward_pre_hook(lambda module, args: seen.append([t.dtype for t in (args[0] if isinstance(args[0], tuple) else args)]))
+    run.model.step = lambda batch: run.model(batch[0])  # a step that calls the model's forward, as training_step does
+    _ForwardRedirection()(Wrapper(run.model), run.model, "step", (images, targets))
+    assert torch.get_default_dtype() == torch.float32
+    half = run.trainer.precision_plugin.dtype
+    assert seen == [[images.dtype, targets.dtype], [half]]  # the step takes the batch as it is; the model's forward, half
+
+
 @pytest.mark.parametrize(("setting", "load", "omp", "threads"), [
     ("auto", 0.2, None, 2),   # an idle machine: torch's default, one per core
     ("auto", 1.1, None, 1),   # another process keeps a core busy: one thread per free core

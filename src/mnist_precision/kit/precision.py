@@ -3,19 +3,21 @@ precisions share.
 
 `32`, `16-mixed`, `bf16-mixed` are Lightning's own; `16-true`/`bf16-true` are Lightning's with two guarantees any module
 gets (`TruePrecision`); `16-master`/`bf16-master` are this project's FP32 master-copy plugin (master_precision.py);
-`bf16-kahan`/`bf16-sr` are `bf16-true` with compensated updates (`CompensatedPrecision`).
+`bf16-kahan`/`bf16-sr` are `bf16-true` with compensated updates (`CompensatedPrecision`); `fp8` is FP32 with float8
+matmuls in the linear layers (`Float8Precision`).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from hydra.utils import get_class
 from lightning.pytorch.plugins import MixedPrecision
-from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.plugins.precision import HalfPrecision, Precision
 from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -24,6 +26,8 @@ from typing_extensions import override
 
 from mnist_precision.kit.errors import UserError
 from mnist_precision.kit.private_api import TORCHAO_ADAMW
+
+LOG = logging.getLogger("mnist_precision")
 
 
 class TruePrecision(HalfPrecision):
@@ -41,7 +45,7 @@ class TruePrecision(HalfPrecision):
         super().__init__(precision)  # type: ignore[arg-type]
         self.dtype = torch.bfloat16 if precision == "bf16-true" else torch.float16
         self._hooks: list[Any] = []  # the forward hooks' handles
-        self._outer_dtype = torch.float32  # the default dtype outside the model's forward
+        self._outer_dtypes: list[torch.dtype | None] = []  # the default dtype outside each forward call in progress
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -59,9 +63,16 @@ class TruePrecision(HalfPrecision):
         takes its dtype from a tensor made then, so under a half default every later input would be cast to half."""
         return nullcontext()
 
-    def _half_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """The forward's floating-point inputs in half precision, and the half default dtype for what it creates."""
-        self._outer_dtype = torch.get_default_dtype()
+    def _half_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The forward's floating-point inputs in half precision, and the half default dtype for what it creates.
+
+        Under DDP Lightning calls the step through the wrapper's forward, with the module's `forward` swapped for the
+        step for that call (`_ForwardRedirection`): that call is the step, not the model's forward, and is left alone
+        (its inputs are the batch; the step's own `self(x)` is the forward)."""
+        step = getattr(module.forward, "__self__", None) is not module
+        self._outer_dtypes.append(None if step else torch.get_default_dtype())
+        if step:
+            return None
         torch.set_default_dtype(self.dtype)
         return apply_to_collection((args, kwargs), Tensor, self._to_dtype)
 
@@ -69,7 +80,10 @@ class TruePrecision(HalfPrecision):
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def _fp32_outputs(self, module: nn.Module, inputs: Any, output: Any) -> Any:
-        torch.set_default_dtype(self._outer_dtype)
+        outer = self._outer_dtypes.pop()
+        if outer is None:  # (the step, above)
+            return None
+        torch.set_default_dtype(outer)
         return outputs_to_fp32(module, inputs, output)
 
     @override
@@ -175,6 +189,44 @@ class CompensatedPrecision(TruePrecision):
         return super().connect(model, optimizers, lr_schedulers)
 
 
+class Float8Precision(Precision):
+    """`fp8`: the network's linear layers multiply in float8 with torchao's float8 training (inputs and weights in e4m3,
+    gradients in e5m2, each scaled per tensor from its current largest value); everything else, weights and optimizer
+    state included, stays FP32. torchao's float8 matmul takes a layer whose two dimensions are multiples of 16: the
+    others (an output layer of 10 classes) stay FP32. The speed needs a GPU with FP8 tensor cores (compute capability
+    8.9: Ada, Hopper and later); on a CPU it trains as an accuracy check. (Not under bfloat16 autocast: torchao's float8
+    layers follow only a GPU's autocast, and under a CPU's they fail in inference mode, where Lightning tests.)"""
+
+    def __init__(self, device: str) -> None:
+        if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+            name, capability = torch.cuda.get_device_name(), ".".join(map(str, torch.cuda.get_device_capability()))
+            raise UserError(f"precision=fp8 needs a GPU with FP8 tensor cores (compute capability 8.9 or more: Ada, Hopper); "
+                            f"this {name} has {capability}. Use precision=bf16-mixed.")
+        super().__init__()
+        self.on_cpu = device == "cpu"
+
+    @override
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        from torchao.float8 import convert_to_float8_training
+        from torchao.float8.float8_linear import Float8Linear
+
+        linears = {name: layer for name, layer in module.named_modules() if isinstance(layer, nn.Linear)}
+        if not any(isinstance(layer, Float8Linear) or takes_float8(layer) for layer in linears.values()):
+            shapes = ", ".join(f"{name} {layer.in_features}->{layer.out_features}" for name, layer in linears.items()) or "none"
+            raise UserError(f"precision=fp8: none of the model's linear layers has both dimensions a multiple of 16, which "
+                            f"torchao's float8 matmul needs (its linear layers: {shapes}). Use precision=bf16-mixed.")
+        if not any(isinstance(layer, Float8Linear) for layer in linears.values()):  # (convert_module is called for each stage)
+            kept = [f"{name} ({layer.in_features}->{layer.out_features})" for name, layer in linears.items() if not takes_float8(layer)]
+            LOG.info(f"precision=fp8: float8 matmuls in {len(linears) - len(kept)} of {len(linears)} linear layers"
+                     + (f"; {', '.join(kept)} stay{'s' if len(kept) == 1 else ''} FP32 (dimensions not multiples of 16)" if kept else "")
+                     + (". On a CPU this is an accuracy check: float8's speed needs a GPU with FP8 tensor cores." if self.on_cpu else "."))
+        return convert_to_float8_training(module, module_filter_fn=lambda layer, name: type(layer) is nn.Linear and takes_float8(layer))
+
+
+def takes_float8(layer: nn.Linear) -> bool:
+    return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+
+
 def outputs_to_fp32(module: nn.Module, inputs: Any, output: Any) -> Any:
     """A forward hook: floating-point outputs (a tensor, or a tuple/list/dict of them) in FP32."""
     if isinstance(output, Tensor):
@@ -204,6 +256,8 @@ def precision_arguments(precision: DictConfig, trainer: DictConfig) -> dict[str,
         return {"plugins": [TruePrecision(name)]}
     if name in COMPENSATED:
         return {"plugins": [CompensatedPrecision(name)]}
+    if name == "fp8":
+        return {"plugins": [Float8Precision(device="cpu" if runs_on_cpu(trainer.accelerator) else "cuda")]}
     if name == "16-mixed" and runs_on_cpu(trainer.accelerator):
         # Given precision="16-mixed" on CPU, Lightning silently trains in bf16 instead. torch has
         # float16 autocast and GradScaler on CPU, so ask for them explicitly: 16-mixed means float16.

@@ -72,6 +72,13 @@ class CompensatedPrecisionConfig:
 
 
 @dataclass
+class Float8PrecisionConfig:
+    """float8 matmuls in the linear layers, FP32 elsewhere (precision.Float8Precision)."""
+
+    name: str = one_of("fp8")
+
+
+@dataclass
 class SchedulerConfig:
     lr_scheduler: Optional[Any] = None  # a torch.optim.lr_scheduler class, _partial_: its own signature is its schema
     interval: str = one_of("epoch", "step")  # when it steps: after each epoch, or after each optimizer step
@@ -81,6 +88,7 @@ register({
     ("precision", "lightning"): LightningPrecisionConfig,
     ("precision", "master"): MasterPrecisionConfig,
     ("precision", "compensated"): CompensatedPrecisionConfig,
+    ("precision", "float8"): Float8PrecisionConfig,
     ("scheduler", "scheduler"): SchedulerConfig,
 })
 
