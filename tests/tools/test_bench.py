@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import operator
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ QUADRANTS = [*quadrants().overrides, *QUIET]
 @pytest.mark.slow  # about 25 s: 5 worker processes
 def test_the_bench_writes_json_markdown_chart_and_tensorboard(run_main, tmp_path):
     result = run_main(bench_cli.main, "bench.nets=[quadrants_mlp]", "bench.precisions=[32,16-master]", "bench.warmup_epochs=1",
-                      "bench.epochs=1", "bench.rounds=1")
+                      "bench.epochs=1", "bench.rounds=1", "bench.matmul=null")
     assert result.code == 0, result.stderr[-3000:]
     assert "[1/4] quadrants_mlp" in result.stdout and "samples/s" in result.stdout  # progress
     run_dir = next((tmp_path / "logs/bench").iterdir())
@@ -42,6 +43,26 @@ def test_the_bench_writes_json_markdown_chart_and_tensorboard(run_main, tmp_path
     assert (run_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert not list(run_dir.rglob("*.ckpt"))  # written as a run writes them (they are part of an epoch's time), not kept
+
+
+@pytest.mark.slow  # about 25 s: 4 worker processes, two of them compiling
+def test_each_precision_against_fp32_and_compiled_against_eager_beside_the_matmul_limit(run_main, tmp_path):
+    result = run_main(bench_cli.main, "bench.nets=[quadrants_mlp]", "bench.precisions=[32,bf16-kahan]", "bench.warmup_epochs=1",
+                      "bench.epochs=2", "bench.rounds=1", "bench.baselines=false", "bench.compile=true", "bench.matmul=256")
+    assert result.code == 0, result.stderr[-3000:]
+    run_dir = next((tmp_path / "logs/bench").iterdir())
+    report = json.loads((run_dir / "bench.json").read_text())
+    assert [(r["precision"], r["kind"]) for r in report["results"]] == [
+        ("32", "template"), ("32", "template, compiled"), ("bf16-kahan", "template"), ("bf16-kahan", "template, compiled")]
+    speeds = {row["precision"]: row for row in report["speeds"]}
+    for precision, row in speeds.items():
+        assert row["compiled / eager (training speed)"] > 0
+        assert ("training speed / FP32's" in row) == (precision != "32")
+    kahan = {r["kind"]: r for r in report["results"] if r["precision"] == "bf16-kahan"}
+    expected = statistics.median(mine / theirs for mine, theirs in zip(kahan["template"]["timed_samples_per_sec_by_round"][0],
+                                                                      report["results"][0]["timed_samples_per_sec_by_round"][0], strict=True))
+    assert speeds["bf16-kahan"]["training speed / FP32's"] == pytest.approx(expected)  # epochs paired in time
+    assert report["bf16_matmul_speedup"] > 0 and "bf16 / FP32 matmul speed on this device (256 x 256)" in result.stdout
 
 
 def test_baselines_run_on_the_device_mnist_train_uses(make_config, monkeypatch):

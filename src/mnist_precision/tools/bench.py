@@ -56,6 +56,7 @@ from mnist_precision.kit.runs import job_entries, override_key, override_value, 
 from mnist_precision.kit.schema import load_schemas
 
 BASELINES = ("bare lightning", "plain loop")
+COMPILED = "template, compiled"  # bench.compile=true: each precision again with compile=true
 VARIANT = "template: "  # a bench.variants configuration's kind is "template: <name>"
 NEEDS_MONITOR = ("mnist-bench times the template's epochs with its training monitor: keep callbacks.training_monitor "
                  "(callbacks=none and ~callbacks.training_monitor drop it)")
@@ -111,6 +112,7 @@ def steady_state(history: list[tuple[int, float]], turns: Turns, steps_per_epoch
     return {
         "epoch_spans": turns.spans,
         "samples_per_sec": statistics.median(samples / seconds for samples, seconds in timed),
+        "timed_samples_per_sec": [samples / seconds for samples, seconds in timed],
         "epoch_seconds": statistics.median(whole),
         "steps_per_epoch": steps_per_epoch,
         "timed_epoch_seconds": whole,
@@ -257,7 +259,7 @@ def _worker(kind: str, overrides: list[str], output_dir: str, warmup: int, conne
     skip_nvml_probe_without_gpu()
     torch.set_num_threads(int(override_value(overrides, "threads")))  # the baselines do not build through build_run
     try:
-        measure = MEASURE["template" if kind.startswith(VARIANT) else kind]
+        measure = MEASURE["template" if kind.startswith(VARIANT) or kind == COMPILED else kind]
         connection.send(("result", measure(overrides, output_dir, warmup, Turns(connection))))
     except Exception as error:  # the parent raises it (a UserError is reported as such)
         connection.send(("error", error if isinstance(error, UserError) else RuntimeError(f"{kind}: {type(error).__name__}: {error}")))
@@ -279,6 +281,8 @@ def bench(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
         net_overrides = [f"net={net}", *settings.net_overrides.get(net, [])]
         for precision in map(str, settings.precisions):
             jobs.append(("template", net, precision, base + net_overrides + [f"precision={precision}"]))
+            if settings.compile:  # right after the eager run it is compared with
+                jobs.append((COMPILED, net, precision, jobs[-1][3] + ["compile=true"]))
             if precision == "32":  # each variant's epochs right after the template's it is compared with
                 jobs += [(VARIANT + name, net, "32", jobs[-1][3] + overrides) for name, overrides in variants.items()]
         if settings.baselines:
@@ -393,18 +397,18 @@ def take_turns(jobs: list[tuple[str, str, str, list[str]]], run_dir: Path, round
 
 def median_of_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Timings: the median over the rounds (each round's own figure is kept too); everything else: the last round's."""
-    merged = {key: value for key, value in results[-1].items() if key not in ("timed_epoch_seconds", "epoch_spans")}
+    merged = {key: value for key, value in results[-1].items() if key not in ("timed_epoch_seconds", "timed_samples_per_sec", "epoch_spans")}
     for key in ("samples_per_sec", "epoch_seconds"):
         merged[key] = statistics.median(r[key] for r in results)
-    for key in ("samples_per_sec", "epoch_seconds", "timed_epoch_seconds", "epoch_spans"):
+    for key in ("samples_per_sec", "epoch_seconds", "timed_epoch_seconds", "timed_samples_per_sec", "epoch_spans"):
         merged[f"{key}_by_round"] = [r[key] for r in results]
     return merged
 
 
-def paired(run: dict[str, Any], reference: dict[str, Any], compare: Callable[[float, float], float]) -> float:
+def paired(run: dict[str, Any], reference: dict[str, Any], compare: Callable[[float, float], float], key: str = "timed_epoch_seconds") -> float:
     """The median, over the timed epochs of every round, of compare(run's epoch, the reference's epoch run right
-    before or after it)."""
-    pairs = [(mine, theirs) for rounds in zip(run["timed_epoch_seconds_by_round"], reference["timed_epoch_seconds_by_round"], strict=True)
+    before or after it): their whole-epoch times, or (key="timed_samples_per_sec") their training speeds."""
+    pairs = [(mine, theirs) for rounds in zip(run[f"{key}_by_round"], reference[f"{key}_by_round"], strict=True)
              for mine, theirs in zip(*rounds, strict=False)]  # a round cut short pairs the epochs it has
     return statistics.median(compare(mine, theirs) for mine, theirs in pairs)
 
@@ -435,11 +439,45 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def speed_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per net and precision, from epochs paired in time: the template's training samples/s against FP32's (what the
+    precision buys), and with bench.compile=true, compiled against eager."""
+    rows = []
+    for net in dict.fromkeys(r["net"] for r in results):
+        runs = {(r["kind"], r["precision"]): r for r in results if r["net"] == net}
+        fp32 = runs.get(("template", "32"))
+        for (kind, precision), run in runs.items():
+            if kind != "template":
+                continue
+            row = {"net": net, "precision": precision}
+            if fp32 is not None and precision != "32":
+                row["training speed / FP32's"] = paired(run, fp32, operator.truediv, "timed_samples_per_sec")
+            if (COMPILED, precision) in runs:
+                row["compiled / eager (training speed)"] = paired(runs[(COMPILED, precision)], run, operator.truediv, "timed_samples_per_sec")
+            if len(row) > 2:
+                rows.append(row)
+    return rows
+
+
+def matmul_speedup(device: torch.device, size: int = 2048, pairs: int = 7) -> float:
+    """How much faster this device multiplies two size x size matrices in bfloat16 than in FP32: the most a bf16 recipe
+    can gain on a net whose time is its matmuls. The median of `pairs` FP32/bf16 time ratios, each pair run back to back."""
+    from torch.utils.benchmark import Timer
+
+    def seconds(dtype: torch.dtype) -> float:
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        return Timer("a @ b", globals={"a": a, "b": b}).timeit(3).median
+
+    seconds(torch.float32), seconds(torch.bfloat16)  # warm up
+    return statistics.median(seconds(torch.float32) / seconds(torch.bfloat16) for _ in range(pairs))
+
+
 def overhead_us_per_step(run: dict[str, Any], plain: dict[str, Any]) -> float:
     return 1e6 * paired(run, plain, operator.sub) / plain["steps_per_epoch"]
 
 
-def markdown(results: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], machine: str) -> str:
+def markdown(results: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], machine: str, speeds: list[dict[str, Any]] = (),
+             matmul: float | None = None, matmul_size: int = 0) -> str:
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
@@ -457,6 +495,13 @@ def markdown(results: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], ma
         lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(str(row.get(k, "-")) if k == "net" else fmt(row.get(k), ".0f" if "us/step" in k else ".2f")
                                     for k in keys) + " |" for row in ratio_rows]
+    if speeds:
+        keys = list(dict.fromkeys(k for row in speeds for k in row))
+        lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(row[k]) if k in ("net", "precision") else fmt(row.get(k), ".2f") for k in keys) + " |" for row in speeds]
+    if matmul is not None:
+        lines += ["", f"bf16 / FP32 matmul speed on this device ({matmul_size} x {matmul_size}): {matmul:.2f}x, the most a bf16 "
+                      "recipe gains where matmuls are the time (wide_mlp)."]
     lines += ["", "epoch: whole epochs (training, validation, checkpoints), median over the timed epochs, then over the rounds."]
     return "\n".join(lines) + "\n"
 
@@ -496,11 +541,12 @@ def machine_description() -> str:
             f"{torch.get_num_threads()} thread(s) a configuration")
 
 
-def write_report(results: list[dict[str, Any]], run_dir: Path) -> str:
-    ratio_rows = ratios(results)
+def write_report(results: list[dict[str, Any]], run_dir: Path, matmul: float | None = None, matmul_size: int = 0) -> str:
+    ratio_rows, speeds = ratios(results), speed_rows(results)
     machine = machine_description()
-    (run_dir / "bench.json").write_text(json.dumps({"machine": machine, "results": results, "ratios": ratio_rows}, indent=2))
-    table = markdown(results, ratio_rows, machine)
+    (run_dir / "bench.json").write_text(json.dumps({"machine": machine, "results": results, "ratios": ratio_rows, "speeds": speeds,
+                                                    "bf16_matmul_speedup": matmul, "matmul_size": matmul_size}, indent=2))
+    table = markdown(results, ratio_rows, machine, speeds, matmul, matmul_size)
     (run_dir / "bench.md").write_text(table)
     chart(results, run_dir / "bench.png")
     from torch.utils.tensorboard import SummaryWriter
@@ -525,7 +571,8 @@ def _hydra_main(cfg: DictConfig) -> None:
             if not (run_dir / "runs").exists():  # refused before any configuration ran: no run dir holding only a log
                 remove_refused_run(run_dir, at_start, f"{hydra_cfg.job.name}.log")
             raise
-    print(write_report(results, run_dir))
+    matmul = matmul_speedup(bench_device(cfg), cfg.bench.matmul) if cfg.bench.matmul else None
+    print(write_report(results, run_dir, matmul, cfg.bench.matmul or 0))
     print(f"bench.json, bench.md, bench.png and tensorboard/ in {run_dir}")
 
 
