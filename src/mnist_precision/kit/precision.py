@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
+from mnist_precision.kit.config import CONF_DIR
 from mnist_precision.kit.errors import UserError
 from mnist_precision.kit.private_api import TORCHAO_ADAMW
 
@@ -126,8 +127,9 @@ COMPENSATED = {
 }
 
 
-OPTIMIZER_OPTIONS = {"torch.optim.Adam": "adam", "torch.optim.AdamW": "adamw", "torch.optim.SGD": "sgd", "torchao.optim.AdamW8bit":
-                     "adamw8bit", "torchao.optim.AdamW4bit": "adamw4bit", "torchao.optim.AdamWFp8": "adamwfp8"}  # conf/optimizer/
+def optimizer_options() -> dict[str, str]:
+    """The `optimizer` group's options by the class each builds: {"torchao.optim.AdamW8bit": "adamw8bit", ...}."""
+    return {OmegaConf.load(path).get("_target_"): path.stem for path in sorted((CONF_DIR / "optimizer").glob("*.yaml"))}
 
 
 class CompensatedPrecision(TruePrecision):
@@ -153,7 +155,8 @@ class CompensatedPrecision(TruePrecision):
         library, counterparts = COMPENSATED[self.name]
         target = node.get("_target_")
         if target not in counterparts:
-            offered = ", ".join(OPTIMIZER_OPTIONS[name] for name in counterparts)
+            options = optimizer_options()
+            offered = ", ".join(options[name] for name in counterparts if name in options)
             raise UserError(f"precision={self.name} compensates the updates of optimizer={offered} ({library}), not "
                             f"those of {target}: choose one of those, or precision=bf16-master (FP32 master weights) for "
                             "another optimizer.")
@@ -217,9 +220,9 @@ class Float8Precision(Precision):
                             f"torchao's float8 matmul needs (its linear layers: {shapes}). Use precision=bf16-mixed.")
         if not any(isinstance(layer, Float8Linear) for layer in linears.values()):  # (convert_module is called for each stage)
             kept = [f"{name} ({layer.in_features}->{layer.out_features})" for name, layer in linears.items() if not takes_float8(layer)]
-            LOG.info(f"precision=fp8: float8 matmuls in {len(linears) - len(kept)} of {len(linears)} linear layers"
-                     + (f"; {', '.join(kept)} stay{'s' if len(kept) == 1 else ''} FP32 (dimensions not multiples of 16)" if kept else "")
-                     + (". On a CPU this is an accuracy check: float8's speed needs a GPU with FP8 tensor cores." if self.on_cpu else "."))
+            said = f"precision=fp8: float8 matmuls in {len(linears) - len(kept)} of {len(linears)} linear layers"
+            said += f"; FP32 in {', '.join(kept)} (dimensions not multiples of 16)." if kept else "."
+            LOG.info(said + (" On a CPU this is an accuracy check: float8's speed needs a GPU with FP8 tensor cores." if self.on_cpu else ""))
         return convert_to_float8_training(module, module_filter_fn=lambda layer, name: type(layer) is nn.Linear and takes_float8(layer))
 
 
