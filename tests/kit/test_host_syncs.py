@@ -67,3 +67,15 @@ def test_on_cuda_steady_state_steps_do_not_synchronize(make_config, precision):
         fit_bracketed(make_config, SyncDebugError(), "trainer=gpu", f"precision={precision}", "optimizer=adam", "+optimizer.fused=true")
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.slow  # about 10 s
+@pytest.mark.parametrize("recipe", ["precision=bf16-sr optimizer=adamw", "optimizer=adamw8bit", "precision=fp8 optimizer=adam +optimizer.fused=true"])
+def test_the_recipes_beyond_mixed_precision_read_nothing_on_the_host(make_config, recipe):
+    """Stochastic rounding, low-bit states and float8's per-tensor scales are computed on the device. torchao compiles
+    its updates, and the counter (a dispatch mode) cannot run inside compiled code: they are counted run eagerly, which
+    reads whatever the compiled update could read. (fp8 with a fused Adam: torch's plain Adam on a CPU reads its step
+    counter, a CPU tensor, every step.)"""
+    with torch.compiler.set_stance("force_eager"):
+        reads = count_host_reads(make_config, *recipe.split())
+    assert sum(reads.values()) == 0, dict(reads)
