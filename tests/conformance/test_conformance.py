@@ -43,6 +43,16 @@ def task(request, configured_task):
     return {"configured": configured_task, TASKS[1]: quadrants("plain"), TASKS[2]: quadrants("stateful")}[request.param]
 
 
+@pytest.fixture
+def configured(configured_task, tmp_path):
+    """make_config on the configured task alone (its network has tensors large enough for torchao to quantise their
+    optimizer state; what the compile tests check is the machinery's, not the loader's)."""
+    def make_config(*overrides: str, output_dir: Path | None = None):
+        return compose_config(configured_task, list(overrides), output_dir or tmp_path / "run")
+
+    return make_config
+
+
 def saves_position(make_config) -> bool:
     """Whether the task's training loader can save its position within an epoch (Lightning then restores it)."""
     run = build_run(make_config())
@@ -70,12 +80,8 @@ def test_two_plus_two_epochs_equal_four(make_config, tmp_path, task, request):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_two_plus_two_epochs_equal_four_with_each_recipe(configured_task, tmp_path, recipe):
-    """On the configured task (its network has tensors large enough for torchao to quantise their optimizer state)."""
-    def make_config(*overrides: str, output_dir: Path | None = None):
-        return compose_config(configured_task, list(overrides), output_dir or tmp_path / "run")
-
-    straight, resumed = straight_and_resumed(make_config, tmp_path, *recipe.split())
+def test_two_plus_two_epochs_equal_four_with_each_recipe(configured, tmp_path, recipe):
+    straight, resumed = straight_and_resumed(configured, tmp_path, *recipe.split())
     assert_same_training_state(straight, resumed)
 
 
@@ -106,12 +112,8 @@ def test_sigterm_mid_epoch_then_resume_is_exact_where_the_loader_saves_its_posit
 
 
 @pytest.mark.slow  # torchao compiles its update for each parameter shape
-def test_sigterm_mid_epoch_then_resume_is_exact_with_a_low_bit_optimizer_state(configured_task, tmp_path):
-    """On the configured task (its network has tensors large enough for torchao to quantise their optimizer state)."""
-    def make_config(*overrides: str, output_dir: Path | None = None):
-        return compose_config(configured_task, list(overrides), output_dir or tmp_path / "run")
-
-    sigterm_then_resume(make_config, tmp_path, ["precision=bf16-sr", "optimizer=adamwfp8"])
+def test_sigterm_mid_epoch_then_resume_is_exact_with_a_low_bit_optimizer_state(configured, tmp_path):
+    sigterm_then_resume(configured, tmp_path, ["precision=bf16-sr", "optimizer=adamwfp8"])
 
 
 def sigterm_then_resume(make_config, tmp_path: Path, recipe: list[str]) -> None:
@@ -222,12 +224,13 @@ def build_run_for(run_dir: Path):
     return run
 
 
-# compile=true (slow: Inductor compiles each graph, a few seconds on a CPU)
+# compile=true (slow: Inductor compiles each graph, a few seconds on a CPU), on the configured task
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", [name if isinstance(name, str) else name.values[0] for name in PRECISIONS])
-def test_every_precision_trains_compiled(make_config, precision):
-    metrics = train(make_config(f"precision={precision}", "compile=true", "debug=fdr"))
+def test_every_precision_trains_compiled(configured, precision):
+    metrics = train(configured(f"precision={precision}", "compile=true", "debug=fdr"))
     assert torch.isfinite(torch.tensor(metrics["train/loss_epoch"])) and any(name.startswith("test/") for name in metrics)
 
 
@@ -243,15 +246,15 @@ class FailOnRecompileAfterFirstStep(L.Callback):
 
 
 @pytest.mark.slow
-def test_a_compiled_network_is_not_compiled_again_for_the_epochs_last_smaller_batch(make_config):
+def test_a_compiled_network_is_not_compiled_again_for_the_epochs_last_smaller_batch(configured):
     def batch_sizes(run) -> list[int]:
         run.datamodule.setup("fit")
         return [len(batch[0]) for batch in run.datamodule.train_dataloader()]
 
-    samples, size = sum(batch_sizes(build_run(make_config()))), 0
+    samples, size = sum(batch_sizes(build_run(configured()))), 0
     size = next(size for size in range(samples // 3, 1, -1) if samples % size)  # a batch size that leaves a smaller last batch
     # training alone (no validation graph compiled before it, which would have made the batch size dynamic anyway)
-    run = build_run(make_config("compile=true", "trainer.max_epochs=2", "test=false", f"data.batch_size={size}",
+    run = build_run(configured("compile=true", "trainer.max_epochs=2", "test=false", f"data.batch_size={size}",
                                 "++trainer.num_sanity_val_steps=0", "++trainer.limit_val_batches=0"))
     sizes = batch_sizes(run)
     assert len(sizes) >= 3 and sizes[-1] < sizes[0], sizes
@@ -265,12 +268,12 @@ def test_a_compiled_network_is_not_compiled_again_for_the_epochs_last_smaller_ba
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("first", "then"), [("true", "false"), ("false", "true")])
-def test_a_compiled_runs_checkpoint_resumes_and_evaluates_uncompiled_and_the_other_way_round(make_config, tmp_path, first, then):
-    train(make_config(f"compile={first}", "trainer.max_epochs=1"))
+def test_a_compiled_runs_checkpoint_resumes_and_evaluates_uncompiled_and_the_other_way_round(configured, tmp_path, first, then):
+    train(configured(f"compile={first}", "trainer.max_epochs=1"))
     saved = load(tmp_path / "run/checkpoints/last.ckpt")
-    assert list(saved["state_dict"]) == list(build_run(make_config()).model.state_dict())  # the plain module's keys (no _orig_mod.)
-    metrics = train(make_config(f"compile={then}", "trainer.max_epochs=2", f"resume={tmp_path / 'run'}"))
+    assert list(saved["state_dict"]) == list(build_run(configured()).model.state_dict())  # the plain module's keys (no _orig_mod.)
+    metrics = train(configured(f"compile={then}", "trainer.max_epochs=2", f"resume={tmp_path / 'run'}"))
     assert load(tmp_path / "run/checkpoints/last.ckpt")["global_step"] == 2 * saved["global_step"] > 0
     assert any(name.startswith("test/") for name in metrics)
-    tested = build_run(make_config(f"compile={then}")).test(str(tmp_path / "run/checkpoints/last.ckpt"), verbose=False)
+    tested = build_run(configured(f"compile={then}")).test(str(tmp_path / "run/checkpoints/last.ckpt"), verbose=False)
     assert tested and all(torch.isfinite(torch.tensor(value)) for value in tested.values())

@@ -17,7 +17,7 @@ from support import only_run_dir, sweep_jobs, task_command, task_env, tensorboar
 
 from mnist_precision.cli import train as train_cli
 from mnist_precision.kit.errors import UserError
-from mnist_precision.kit.monitor import bytes_per_parameter
+from mnist_precision.kit.monitor import bytes_per_parameter, unquantised_states
 from mnist_precision.kit.precision import CompensatedPrecision, Float8Precision
 
 
@@ -158,3 +158,23 @@ def test_each_new_recipe_keeps_both_ddp_ranks_weights_and_optimizer_states_equal
         assert all(torch.equal(rank0["weights"][key], rank1["weights"][key]) for key in rank0["weights"]), name
         states = [[torch.as_tensor(value) for state in dump["optimizer"].values() for value in state.values()] for dump in (rank0, rank1)]
         assert len(states[0]) == len(states[1]) > 0 and all(torch.equal(a, b) for a, b in zip(*states, strict=True)), name
+
+
+@pytest.mark.slow  # torchao compiles its update for each parameter shape
+def test_a_low_bit_optimizer_that_quantises_little_of_the_model_says_so():
+    """torchao keeps FP32 moments, silently, for a tensor whose count is not a multiple of its block size: the paper CNN's
+    84 x 1014 weight is not, and there optimizer=adamw8bit saves nothing."""
+    import torchao.optim
+
+    def said(net: torch.nn.Module) -> list[str]:
+        step = torchao.optim.AdamW8bit(net.parameters(), lr=1e-3)
+        for parameter in net.parameters():
+            parameter.grad = torch.randn_like(parameter)
+        step.step()
+        return unquantised_states(net, [step])
+
+    assert said(torch.nn.Sequential(torch.nn.Linear(1014, 84), torch.nn.Linear(84, 10))) == [
+        "AdamW8bit keeps FP32 moments for 100% of the parameters (the largest: 0.weight (85176), 1.weight (840), 0.bias (84)): "
+        "torchao quantises only a tensor of at least 4096 elements whose count is a multiple of 256. "
+        "memory/optimizer_bytes_per_param says what it holds."]
+    assert said(torch.nn.Sequential(torch.nn.Linear(1024, 84), torch.nn.Linear(84, 10))) == []  # 86016 = 336 x 256

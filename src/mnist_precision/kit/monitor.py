@@ -3,6 +3,7 @@ in a step that does not log (the training loss, the non-finite-loss guard, the l
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import time
@@ -15,6 +16,8 @@ from torch import Tensor, nn
 
 from mnist_precision.kit.errors import TrainingDiverged
 from mnist_precision.kit.private_api import should_log_this_step
+
+LOG = logging.getLogger("mnist_precision")
 
 
 class TrainingMonitor(L.Callback):
@@ -107,7 +110,9 @@ class TrainingMonitor(L.Callback):
             self._where.append((self._step, trainer.current_epoch, batch_idx, size))
         if self._bytes_per_parameter is None and trainer.global_step > self._step:  # after the fit's first optimizer step
             self._bytes_per_parameter = bytes_per_parameter(pl_module, trainer.optimizers)  # (Lightning frees the
-        if should_log_this_step(trainer):                                                   # gradients before validation)
+            for said in unquantised_states(pl_module, trainer.optimizers):                  # gradients before validation)
+                LOG.warning(said)
+        if should_log_this_step(trainer):
             self.check_losses(trainer)
             if loss is not None:
                 pl_module.log("train/loss_step", loss * trainer.accumulate_grad_batches, on_step=True, on_epoch=False)
@@ -205,6 +210,29 @@ def bytes_per_parameter(model: nn.Module, optimizers: list[torch.optim.Optimizer
             optimizer_held += sum(size(tensor) for master in group["params"] for tensor in (master, master.grad) if tensor is not None)
         optimizer_held += sum(size(value) for state in optimizer.state.values() for value in state.values() if isinstance(value, Tensor))
     return (held + optimizer_held) / count, optimizer_held / count
+
+
+def unquantised_states(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[str]:
+    """What a low-bit optimizer (`optimizer=adamw8bit`, torchao's) kept in FP32, when that is most of the model: torchao
+    quantises the moments of a tensor of at least 4096 elements whose count is a multiple of its block size, and keeps
+    FP32 moments for any other, silently. (The paper CNN's largest weight, 84 x 1014, is not a multiple of 256: there
+    `adamw8bit` holds what AdamW holds.)"""
+    said = []
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    for optimizer in optimizers:
+        block = getattr(optimizer, "block_size", None)
+        if block is None or not type(optimizer).__module__.startswith("torchao.optim"):
+            continue
+        kept = {parameter: state for parameter, state in optimizer.state.items()
+                if not any(hasattr(value, "__tensor_flatten__") for value in state.values())}
+        share = sum(parameter.numel() for parameter in kept) / max(1, sum(parameter.numel() for parameter in optimizer.state))
+        if share > 0.5:
+            largest = sorted(kept, key=lambda parameter: parameter.numel(), reverse=True)[:3]
+            shown = ", ".join(f"{names.get(id(parameter), '?')} ({parameter.numel()})" for parameter in largest)
+            said.append(f"{type(optimizer).__name__} keeps FP32 moments for {share:.0%} of the parameters (the largest: {shown}): "
+                        f"torchao quantises only a tensor of at least 4096 elements whose count is a multiple of {block}. "
+                        "memory/optimizer_bytes_per_param says what it holds.")
+    return said
 
 
 def batch_size(batch: Any) -> int:

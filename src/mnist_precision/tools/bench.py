@@ -459,17 +459,22 @@ def speed_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def matmul_speedup(device: torch.device, size: int = 2048, pairs: int = 7) -> float:
+def matmul_speedup(device: torch.device, size: int = 2048, pairs: int = 7, budget_seconds: float = 20.0) -> float:
     """How much faster this device multiplies two size x size matrices in bfloat16 than in FP32: the most a bf16 recipe
-    can gain on a net whose time is its matmuls. The median of `pairs` FP32/bf16 time ratios, each pair run back to back."""
+    can gain on a net whose time is its matmuls. The median of FP32/bf16 time ratios, each pair run back to back: `pairs`
+    of them, or as many as `budget_seconds` allow (at least one: a CPU without bfloat16 units takes a minute a matmul)."""
     from torch.utils.benchmark import Timer
 
     def seconds(dtype: torch.dtype) -> float:
         a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-        return Timer("a @ b", globals={"a": a, "b": b}).timeit(3).median
+        return Timer("a @ b", globals={"a": a, "b": b}).timeit(1).median
 
+    started = time.perf_counter()
     seconds(torch.float32), seconds(torch.bfloat16)  # warm up
-    return statistics.median(seconds(torch.float32) / seconds(torch.bfloat16) for _ in range(pairs))
+    ratios = []
+    while not ratios or (len(ratios) < pairs and time.perf_counter() - started < budget_seconds):
+        ratios.append(seconds(torch.float32) / seconds(torch.bfloat16))
+    return statistics.median(ratios)
 
 
 def overhead_us_per_step(run: dict[str, Any], plain: dict[str, Any]) -> float:
