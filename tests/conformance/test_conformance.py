@@ -163,10 +163,11 @@ def test_a_run_stopped_mid_epoch_and_resumed_reports_its_epochs_as_an_uninterrup
     assert_same_epoch_scalars(tmp_path / "straight", tmp_path / "run")
 
 
-def test_the_guard_stops_a_run_at_its_first_non_finite_loss(make_config, tmp_path):
+@pytest.mark.parametrize("precision", ["32", *(pytest.param(name, marks=pytest.mark.slow) for name in ("bf16-kahan", "bf16-sr", "fp8"))])
+def test_the_guard_stops_a_run_at_its_first_non_finite_loss(make_config, tmp_path, precision):
     cfg = make_config("trainer.max_epochs=2", "+callbacks.poison._target_=fault_injection.PoisonInputAtSteps",
-                      "+callbacks.poison.steps=[5]")
-    with pytest.raises(TrainingDiverged, match=r"the training loss is (nan|inf|-inf) at step 5 \(epoch 0, batch 5\) with precision=32"):
+                      "+callbacks.poison.steps=[5]", f"precision={precision}", "optimizer=adamw")
+    with pytest.raises(TrainingDiverged, match=rf"the training loss is (nan|inf|-inf) at step 5 \(epoch 0, batch 5\) with precision={precision}"):
         train(cfg)
     saved = load(tmp_path / "run/checkpoints/last.ckpt") if (tmp_path / "run/checkpoints/last.ckpt").is_file() else None
     assert saved is None or all(torch.isfinite(value).all() for value in saved["state_dict"].values() if value.is_floating_point())

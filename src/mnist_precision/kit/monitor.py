@@ -247,7 +247,7 @@ def batch_size(batch: Any) -> int:
 
 def divergence_message(trainer: L.Trainer, loss: float, where: tuple[int, int, int], limit: int) -> str:
     step, epoch, batch = where
-    precision = trainer.precision
+    precision = getattr(trainer.precision_plugin, "name", trainer.precision)  # the configured name (bf16-kahan, fp8, ...)
     message = f"the training loss is {loss} at step {step} (epoch {epoch}, batch {batch}) with precision={precision}"
     if limit > 1:
         message += f", and stayed inf/NaN for {limit} steps in a row (each skipped by the loss scaler)"

@@ -206,6 +206,7 @@ class Float8Precision(Precision):
             raise UserError(f"precision=fp8 needs a GPU with FP8 tensor cores (compute capability 8.9 or more: Ada, Hopper); "
                             f"this {name} has {capability}. Use precision=bf16-mixed.")
         super().__init__()
+        self.name = "fp8"  # (Lightning's own name for it is 32-true)
         self.on_cpu = device == "cpu"
 
     @override

@@ -501,11 +501,12 @@ def markdown(results: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], ma
         lines += ["| " + " | ".join(str(row.get(k, "-")) if k == "net" else fmt(row.get(k), ".0f" if "us/step" in k else ".2f")
                                     for k in keys) + " |" for row in ratio_rows]
     if speeds:
-        keys = list(dict.fromkeys(k for row in speeds for k in row))
+        keys = [key for key in ("net", "precision", "training speed / FP32's", "compiled / eager (training speed)")
+                if any(key in row for row in speeds)]
         lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(str(row[k]) if k in ("net", "precision") else fmt(row.get(k), ".2f") for k in keys) + " |" for row in speeds]
     if matmul is not None:
-        lines += ["", f"bf16 / FP32 matmul speed on this device ({matmul_size} x {matmul_size}): {matmul:.2f}x, the most a bf16 "
+        lines += ["", f"bf16 / FP32 matmul speed on this device ({matmul_size} x {matmul_size}): {matmul:.3g}x, the most a bf16 "
                       "recipe gains where matmuls are the time (wide_mlp)."]
     lines += ["", "epoch: whole epochs (training, validation, checkpoints), median over the timed epochs, then over the rounds."]
     return "\n".join(lines) + "\n"
