@@ -111,7 +111,7 @@ class TrainingMonitor(L.Callback):
         if self._bytes_per_parameter is None and trainer.global_step > self._step:  # after the fit's first optimizer step
             self._bytes_per_parameter = bytes_per_parameter(pl_module, trainer.optimizers)  # (Lightning frees the
             for said in unquantised_states(pl_module, trainer.optimizers):                  # gradients before validation)
-                LOG.warning(said)
+                LOG.info(said)
         if should_log_this_step(trainer):
             self.check_losses(trainer)
             if loss is not None:
@@ -220,8 +220,8 @@ def unquantised_states(model: nn.Module, optimizers: list[torch.optim.Optimizer]
     said = []
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     for optimizer in optimizers:
-        block = getattr(optimizer, "block_size", None)
-        if block is None or not type(optimizer).__module__.startswith("torchao.optim"):
+        block = getattr(optimizer, "block_size", None)  # (torchao's full-precision AdamW, bf16-sr's, has an infinite one)
+        if not isinstance(block, int) or not type(optimizer).__module__.startswith("torchao.optim"):
             continue
         kept = {parameter: state for parameter, state in optimizer.state.items()
                 if not any(hasattr(value, "__tensor_flatten__") for value in state.values())}

@@ -459,7 +459,7 @@ def speed_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def matmul_speedup(device: torch.device, size: int = 2048, pairs: int = 7, budget_seconds: float = 20.0) -> float:
+def matmul_speedup(device: torch.device, size: int = 1024, pairs: int = 7, budget_seconds: float = 20.0) -> float:
     """How much faster this device multiplies two size x size matrices in bfloat16 than in FP32: the most a bf16 recipe
     can gain on a net whose time is its matmuls. The median of FP32/bf16 time ratios, each pair run back to back: `pairs`
     of them, or as many as `budget_seconds` allow (at least one: a CPU without bfloat16 units takes a minute a matmul)."""
