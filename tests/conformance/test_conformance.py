@@ -28,8 +28,8 @@ from mnist_precision.kit.build import build_run
 from mnist_precision.kit.checkpoints import loader_saves_position
 from mnist_precision.kit.errors import TrainingDiverged, TrainingInterrupted
 
-PRECISIONS = ["32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "16-master", "bf16-master", "fp8",
-              *(pytest.param(name, marks=pytest.mark.slow) for name in ("bf16-kahan", "bf16-sr"))]  # (in the fast suite's
+PRECISIONS = ["32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "16-master", "bf16-master",
+              *(pytest.param(name, marks=pytest.mark.slow) for name in ("bf16-kahan", "bf16-sr", "fp8"))]  # (in the fast suite's
 # 2 + 2 below; torchao compiles its update for each parameter shape)
 # The recipes beyond mixed precision: their optimizer states (Kahan buffers, torchao's low-bit states) resume exactly too.
 RECIPES = ["precision=bf16-kahan", *(pytest.param(recipe, marks=pytest.mark.slow) for recipe in

@@ -42,7 +42,7 @@ def test_a_metric_logged_from_a_step_takes_its_inputs_in_fp32_under_half_precisi
     assert run.model(x).dtype == torch.float32  # ... the forward runs in half and returns FP32
 
 
-@pytest.mark.parametrize("precision", ["bf16-true", "bf16-master"])
+@pytest.mark.parametrize("precision", ["bf16-true", pytest.param("bf16-master", marks=pytest.mark.slow)])
 def test_under_ddps_forward_redirection_the_step_is_not_taken_for_the_models_forward(make_config, precision):
     """Under DDP Lightning calls a step through the wrapper's forward, which calls the module with its `forward` swapped
     for the step (`_ForwardRedirection`), and the step's `self(x)` calls it again: the half default dtype and the casts
