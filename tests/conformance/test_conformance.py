@@ -252,7 +252,7 @@ def test_a_compiled_network_is_not_compiled_again_for_the_epochs_last_smaller_ba
         run.datamodule.setup("fit")
         return [len(batch[0]) for batch in run.datamodule.train_dataloader()]
 
-    samples, size = sum(batch_sizes(build_run(configured()))), 0
+    samples = sum(batch_sizes(build_run(configured())))
     size = next(size for size in range(samples // 3, 1, -1) if samples % size)  # a batch size that leaves a smaller last batch
     # training alone (no validation graph compiled before it, which would have made the batch size dynamic anyway)
     run = build_run(configured("compile=true", "trainer.max_epochs=2", "test=false", f"data.batch_size={size}",

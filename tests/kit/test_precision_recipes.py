@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from support import only_run_dir, sweep_jobs, task_command, task_env, tensorboard_events
 
@@ -19,6 +19,7 @@ from mnist_precision.cli import train as train_cli
 from mnist_precision.kit.errors import UserError
 from mnist_precision.kit.monitor import bytes_per_parameter, unquantised_states
 from mnist_precision.kit.precision import CompensatedPrecision, Float8Precision
+from mnist_precision.kit.private_api import TORCHAO_ADAMW
 
 
 def compensated(precision: str, **node) -> OmegaConf:
@@ -166,8 +167,8 @@ def test_a_low_bit_optimizer_that_quantises_little_of_the_model_says_so():
     84 x 1014 weight is not, and there optimizer=adamw8bit saves nothing."""
     import torchao.optim
 
-    def said(net: torch.nn.Module) -> list[str]:
-        step = torchao.optim.AdamW8bit(net.parameters(), lr=1e-3)
+    def said(net: torch.nn.Module, optimizer=torchao.optim.AdamW8bit, **settings) -> list[str]:
+        step = optimizer(net.parameters(), lr=1e-3, **settings)
         for parameter in net.parameters():
             parameter.grad = torch.randn_like(parameter)
         step.step()
@@ -178,12 +179,5 @@ def test_a_low_bit_optimizer_that_quantises_little_of_the_model_says_so():
         "torchao quantises only a tensor of at least 4096 elements whose count is a multiple of 256. "
         "memory/optimizer_bytes_per_param says what it holds."]
     assert said(torch.nn.Sequential(torch.nn.Linear(1024, 84), torch.nn.Linear(84, 10))) == []  # 86016 = 336 x 256
-    from hydra.utils import get_class
-
-    from mnist_precision.kit.private_api import TORCHAO_ADAMW
-
-    net = torch.nn.Linear(1014, 84)  # bf16-sr's full-precision AdamW quantises nothing, by design: nothing to say
-    step = get_class(TORCHAO_ADAMW)(net.parameters(), lr=1e-3, bf16_stochastic_round=True)
-    net.weight.grad, net.bias.grad = torch.randn_like(net.weight), torch.randn_like(net.bias)
-    step.step()
-    assert unquantised_states(net, [step]) == []
+    # bf16-sr's full-precision AdamW quantises nothing, by design: nothing to say
+    assert said(torch.nn.Linear(1014, 84), get_class(TORCHAO_ADAMW), bf16_stochastic_round=True) == []

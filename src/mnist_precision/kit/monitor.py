@@ -223,8 +223,8 @@ def unquantised_states(model: nn.Module, optimizers: list[torch.optim.Optimizer]
         block = getattr(optimizer, "block_size", None)  # (torchao's full-precision AdamW, bf16-sr's, has an infinite one)
         if not isinstance(block, int) or not type(optimizer).__module__.startswith("torchao.optim"):
             continue
-        kept = {parameter: state for parameter, state in optimizer.state.items()
-                if not any(hasattr(value, "__tensor_flatten__") for value in state.values())}
+        kept = [parameter for parameter, state in optimizer.state.items()
+                if not any(hasattr(value, "__tensor_flatten__") for value in state.values())]  # (no tensor subclass: FP32)
         share = sum(parameter.numel() for parameter in kept) / max(1, sum(parameter.numel() for parameter in optimizer.state))
         if share > 0.5:
             largest = sorted(kept, key=lambda parameter: parameter.numel(), reverse=True)[:3]

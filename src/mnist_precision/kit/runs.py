@@ -161,13 +161,18 @@ def check_writable(directory: Path, key: str) -> None:
         raise UserError(f"{key}={directory}: runs cannot be written there ({error.strerror or error}).") from None
 
 
+def group_options(group: str) -> list[str]:
+    """The options of a config group of conf/: `precision` -> ["16-master", "16-mixed", ...]."""
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+
+
 def check_group_overrides(argv: list[str]) -> None:
     """`callbacks=null` (or ~callbacks... as a group choice): Hydra's own error is a traceback; say what works."""
     for arg in argv:
         group, _, value = arg.partition("=")
         if value == "null" and (CONF_DIR / group).is_dir() and group not in OPTIONAL_GROUPS:
             none = (CONF_DIR / group / "none.yaml").is_file()
-            fix = f"use {group}=none" if none else "choose one of: " + ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+            fix = f"use {group}=none" if none else "choose one of: " + ", ".join(group_options(group))
             one = f" (or ~{group}.<name> to drop one)" if group in ("callbacks", "logger") else "."
             raise UserError(f"{arg}: a config group takes an option, not null; {fix}{one}")
 
@@ -178,7 +183,7 @@ LIGHTNING_PRECISIONS = {"16": "16-mixed", "bf16": "bf16-mixed", "32-true": "32"}
 
 def precision_option(value: str) -> str | None:
     """The `conf/precision/` option for a precision as Lightning spells it (`16` -> `16-mixed`), or None."""
-    options = {path.stem for path in (CONF_DIR / "precision").glob("*.yaml")}
+    options = group_options("precision")
     option = value if value in options else LIGHTNING_PRECISIONS.get(value)
     return option if option in options else None
 
@@ -186,8 +191,7 @@ def precision_option(value: str) -> str | None:
 def use_precision(value: str) -> str:
     option = precision_option(value)
     if option is None:
-        options = ", ".join(sorted(path.stem for path in (CONF_DIR / "precision").glob("*.yaml")))
-        return f"precision={value} is not offered; choose one of: {options}"
+        return f"precision={value} is not offered; choose one of: {', '.join(group_options('precision'))}"
     return f"use precision={option}" + (f" (Lightning's {value})" if option != value else "")
 
 
